@@ -1,0 +1,220 @@
+"""`splitclip partition MODEL --out BUNDLE`: split a CLIP checkpoint into per-stage ONNX graphs.
+
+The vision tower becomes embed.onnx, one graph per encoder block and head.onnx, so any cut k in 0..L
+runs without re-export; the text tower becomes text.onnx (int32 ids, explicit EOS pooling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from splitclip.bundle import Manifest, block_file, load_bundle, write_manifest
+from splitclip.preprocess import PreprocessConfig
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import CLIPModel
+
+OPSET = 18
+
+
+def _stage_modules(model: CLIPModel, eos_id: int) -> dict[str, torch.nn.Module]:
+    import torch
+    from torch import nn
+
+    vision = model.vision_model
+
+    class Embed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embeddings = vision.embeddings
+            self.pre_layrnorm = vision.pre_layrnorm
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            return self.pre_layrnorm(self.embeddings(pixels))  # [batch, tokens, width]
+
+    class Block(nn.Module):
+        def __init__(self, layer: nn.Module) -> None:
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            out = self.layer(hidden, None)
+            return out[0] if isinstance(out, tuple) else out  # [batch, tokens, width]
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.post_layernorm = vision.post_layernorm
+            self.proj = model.visual_projection
+
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            emb = self.proj(self.post_layernorm(hidden[:, 0, :]))  # [batch, embed_dim]
+            return emb / emb.norm(dim=-1, keepdim=True)
+
+    text = model.text_model
+
+    class Text(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.text = text
+            self.proj = model.text_projection
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            hidden = self.text(input_ids=ids.to(torch.int64)).last_hidden_state  # [batch, context, width]
+            # First EOS position; int32 because ORT has no ArgMax over int64/bool.
+            pos = (ids == eos_id).to(torch.int32).argmax(dim=-1)
+            pooled = hidden[torch.arange(hidden.shape[0]), pos]  # [batch, width]
+            emb = self.proj(pooled)
+            return emb / emb.norm(dim=-1, keepdim=True)  # [batch, embed_dim]
+
+    stages: dict[str, nn.Module] = {"vision/embed.onnx": Embed()}
+    for i, layer in enumerate(vision.encoder.layers):
+        stages[block_file(i)] = Block(layer)
+    stages["vision/head.onnx"] = Head()
+    stages["text.onnx"] = Text()
+    return stages
+
+
+def _export(module: torch.nn.Module, example: torch.Tensor, path: Path, dyn_tokens: bool) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    axes: dict[str, dict[int, str]] = {"input": {0: "batch"}, "output": {0: "batch"}}
+    if dyn_tokens:
+        axes["input"] = {0: "batch", 1: "tokens"}
+        if path.name != "head.onnx":
+            axes["output"] = {0: "batch", 1: "tokens"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def text_eos_id(model: CLIPModel, tokenizer_path: Path) -> int:
+    """The id that ends a prompt. Old CLIP configs say eos_token_id=2 and pool with argmax(ids) instead,
+    which picks the highest id: the tokenizer's end-of-text token."""
+    eos = int(model.config.text_config.eos_token_id)
+    if eos != 2:
+        return eos
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    for name in ("<|endoftext|>", "</s>", "<eos>"):
+        tid = tok.token_to_id(name)
+        if tid is not None:
+            return int(tid)
+    return int(model.config.text_config.vocab_size) - 1
+
+
+def partition(
+    source: str | Path, out: str | Path, *, calibration_images: int = 64, progress: bool = True
+) -> Manifest:
+    """Export the bundle into `out` (replaced atomically); return its manifest."""
+    import torch
+    from tqdm import tqdm
+
+    from partitioner.checkpoint import load_clip
+
+    torch.manual_seed(0)
+    model, path = load_clip(source)
+    vc, tc = model.config.vision_config, model.config.text_config
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=".partition-", dir=out.parent if out.parent.exists() else None))
+    try:
+        eos_id = text_eos_id(model, path / "tokenizer.json")
+        stages = _stage_modules(model, eos_id)
+        tokens = (vc.image_size // vc.patch_size) ** 2 + 1
+        pixels = torch.randn(2, 3, vc.image_size, vc.image_size)
+        hidden = torch.randn(2, tokens, vc.hidden_size)
+        ids = torch.full((2, tc.max_position_embeddings), eos_id, dtype=torch.int32)
+        ids[:, 0] = 0
+        bar = tqdm(stages.items(), desc="exporting stages", unit="graph", disable=not progress)
+        for name, module in bar:
+            bar.set_postfix_str(name)
+            if name == "vision/embed.onnx":
+                _export(module, pixels, tmp / name, dyn_tokens=False)
+            elif name == "text.onnx":
+                _export(module, ids, tmp / name, dyn_tokens=False)
+            else:
+                _export(module, hidden, tmp / name, dyn_tokens=True)
+        shutil.copy(path / "tokenizer.json", tmp / "tokenizer.json")
+        hf_pre = json.loads((path / "preprocessor_config.json").read_text())
+        (tmp / "preprocess.json").write_text(PreprocessConfig.from_hf(hf_pre).to_json())
+        if calibration_images > 0:
+            from partitioner.calibrate import write_calibration
+
+            write_calibration(tmp, n_images=calibration_images, progress=progress)
+        fields: dict[str, Any] = {
+            "model_name": path.resolve().name,
+            "embed_dim": int(model.config.projection_dim),
+            "logit_scale": float(model.logit_scale.exp().item()),
+            "vision": {
+                "image_size": int(vc.image_size),
+                "patch_size": int(vc.patch_size),
+                "num_blocks": int(vc.num_hidden_layers),
+                "width": int(vc.hidden_size),
+                "num_tokens": int(tokens),
+            },
+            "text": {
+                "context_length": int(tc.max_position_embeddings),
+                "vocab_size": int(tc.vocab_size),
+                "width": int(tc.hidden_size),
+                "eos_token_id": eos_id,
+                "pad_token_id": int(tc.pad_token_id if tc.pad_token_id is not None else eos_id),
+            },
+            "extra": {"source": str(source), "opset": OPSET},
+        }
+        manifest = write_manifest(tmp, fields)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        return manifest
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="Hugging Face CLIP checkpoint: a local directory (or a hub id when online)")
+    p.add_argument("--out", required=True, help="bundle directory to write (replaced if it exists)")
+    p.add_argument(
+        "--calibration-images",
+        type=int,
+        default=64,
+        help="generated images used to fit the codec's per-cut PCA bases (0 = no calibration.npz)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    m = partition(args.model, args.out, calibration_images=args.calibration_images, progress=not args.quiet)
+    load_bundle(args.out)  # verify what we wrote
+    v = m.vision
+    print(
+        f"bundle {m.bundle_id} -> {args.out}: {v.num_blocks} blocks, width {v.width}, {v.num_tokens} tokens, "
+        f"embed {m.embed_dim}, cuts 0..{v.num_blocks} ({time.perf_counter() - t0:.1f} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="splitclip partition", description=__doc__)
+    build_parser(parser)
+    raise SystemExit(run(parser.parse_args()))

@@ -1,0 +1,186 @@
+"""The model bundle: manifest.json plus the ONNX stages, tokenizer and configs it lists.
+
+A bundle directory looks like this (names are relative to it):
+
+    manifest.json            this file's `Manifest`
+    vision/embed.onnx        pixels [batch, 3, H, W] -> hidden [batch, tokens, width]  (patchify + pos + pre-LN)
+    vision/block_00.onnx     hidden -> hidden, one per encoder block (dynamic batch and token axes)
+    vision/head.onnx         hidden -> normalised image embedding [batch, embed_dim]  (post-LN on CLS + proj)
+    text.onnx                int32 ids [batch, context] -> normalised text embedding [batch, embed_dim]
+    tokenizer.json           Hugging Face tokenizers file
+    preprocess.json          resize / crop / mean / std (see splitclip.preprocess)
+    calibration.npz          optional: per-cut PCA bases for the codec (see splitclip.codec)
+
+The bundle id is derived from the sha256 of every listed file, so two bundles with the same id run
+the same numbers. Loading verifies every hash; nothing here imports torch or ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+BUNDLE_FORMAT = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class BundleError(ValueError):
+    """A bundle is missing, tampered with, or does not match its manifest."""
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    image_size: int  # input side in pixels (square, after resize + centre crop)
+    patch_size: int
+    num_blocks: int  # L: cuts run from 0 to L
+    width: int  # hidden size of the residual stream
+    num_tokens: int  # 1 (CLS) + (image_size / patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    context_length: int  # ids are padded / truncated to this length
+    vocab_size: int
+    width: int
+    eos_token_id: int  # pooling takes the first position holding this id
+    pad_token_id: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    bundle_id: str
+    model_name: str
+    embed_dim: int
+    logit_scale: float  # already exponentiated: scores are softmax(logit_scale * img @ txt.T)
+    vision: VisionSpec
+    text: TextSpec
+    files: dict[str, str]  # relative path -> sha256
+    format: int = BUNDLE_FORMAT
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.vision.num_blocks
+
+    def stage_files(self) -> list[str]:
+        blocks = [block_file(i) for i in range(self.vision.num_blocks)]
+        return ["vision/embed.onnx", *blocks, "vision/head.onnx"]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @staticmethod
+    def from_dict(data: dict) -> Manifest:
+        try:
+            return Manifest(
+                bundle_id=str(data["bundle_id"]),
+                model_name=str(data["model_name"]),
+                embed_dim=int(data["embed_dim"]),
+                logit_scale=float(data["logit_scale"]),
+                vision=VisionSpec(**data["vision"]),
+                text=TextSpec(**data["text"]),
+                files={str(k): str(v) for k, v in data["files"].items()},
+                format=int(data.get("format", BUNDLE_FORMAT)),
+                extra=dict(data.get("extra", {})),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"manifest.json is malformed: {e!r}") from e
+
+
+def block_file(i: int) -> str:
+    return f"vision/block_{i:02d}.onnx"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def bundle_id_of(files: dict[str, str]) -> str:
+    """Bundle id: a short hash over the sorted (path, sha256) list."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(f"{name}\0{files[name]}\n".encode())
+    return "b-" + h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    root: Path
+    manifest: Manifest
+
+    @property
+    def id(self) -> str:
+        return self.manifest.bundle_id
+
+    def path(self, name: str) -> Path:
+        if name not in self.manifest.files:
+            raise BundleError(f"bundle {self.root} has no file {name!r} in its manifest")
+        return self.root / name
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest.files
+
+    def read_json(self, name: str) -> dict:
+        return json.loads(self.path(name).read_text())
+
+
+REQUIRED_FILES = ("vision/embed.onnx", "vision/head.onnx", "text.onnx", "tokenizer.json", "preprocess.json")
+
+
+def write_manifest(root: Path, manifest_fields: dict) -> Manifest:
+    """Hash every file under `root` (except the manifest), derive the id and write manifest.json."""
+    files = {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_NAME
+    }
+    manifest = Manifest.from_dict({**manifest_fields, "files": files, "bundle_id": bundle_id_of(files)})
+    (root / MANIFEST_NAME).write_text(manifest.to_json())
+    return manifest
+
+
+def load_bundle(root: str | Path, *, verify: bool = True) -> Bundle:
+    """Load and (by default) hash-verify a bundle. Any problem is a `BundleError` naming the file."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BundleError(f"bundle directory {root} does not exist")
+    mpath = root / MANIFEST_NAME
+    if not mpath.is_file():
+        raise BundleError(f"{root} is not a splitclip bundle: {MANIFEST_NAME} is missing")
+    try:
+        data = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{mpath} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise BundleError(f"{mpath} must hold a JSON object")
+    manifest = Manifest.from_dict(data)
+    if manifest.format != BUNDLE_FORMAT:
+        raise BundleError(f"bundle format {manifest.format} is not supported (expected {BUNDLE_FORMAT})")
+    expected = set(REQUIRED_FILES) | set(manifest.stage_files())
+    missing_in_manifest = sorted(expected - set(manifest.files))
+    if missing_in_manifest:
+        raise BundleError(
+            f"manifest of {root} does not list required files: {', '.join(missing_in_manifest)}"
+        )
+    derived = bundle_id_of(manifest.files)
+    if derived != manifest.bundle_id:
+        raise BundleError(
+            f"bundle id mismatch in {mpath}: manifest says {manifest.bundle_id}, its file list gives {derived}"
+        )
+    if verify:
+        for name, digest in sorted(manifest.files.items()):
+            p = root / name
+            if not p.is_file():
+                raise BundleError(f"bundle file {name} is missing from {root}")
+            actual = sha256_file(p)
+            if actual != digest:
+                raise BundleError(
+                    f"bundle file {name} is tampered or corrupt: sha256 {actual[:12]}… != manifest {digest[:12]}…"
+                )
+    return Bundle(root=root, manifest=manifest)

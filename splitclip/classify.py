@@ -1,0 +1,47 @@
+"""`splitclip classify --bundle B IMAGE... --prompt TEXT...`: full local inference with ONNX Runtime."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from splitclip.runtime import BundleRuntime, top_k
+
+
+def read_prompts(prompts: list[str] | None, labels_file: str | None) -> list[str]:
+    out = list(prompts or [])
+    if labels_file:
+        out += [line.strip() for line in Path(labels_file).read_text().splitlines() if line.strip()]
+    if not out:
+        raise ValueError("give prompts with --prompt TEXT (repeatable) or --labels FILE (one per line)")
+    return out
+
+
+def build_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", help="image files (any size; RGBA and greyscale are converted)")
+    p.add_argument("--bundle", required=True, help="bundle directory made by `splitclip partition`")
+    p.add_argument("--prompt", action="append", help="a candidate label text (repeatable)")
+    p.add_argument("--labels", help="file with one prompt per line")
+    p.add_argument(
+        "--template", default="{}", help='prompt template, e.g. "a photo of a {}" (default: as given)'
+    )
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print one JSON object per image instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    labels = read_prompts(args.prompt, args.labels)
+    rt = BundleRuntime(args.bundle)
+    probs = rt.classify([Path(p) for p in args.images], [args.template.format(label) for label in labels])
+    for path, best in zip(args.images, top_k(probs, args.top_k), strict=True):
+        if args.json:
+            print(
+                json.dumps({"image": path, "top": [{"label": labels[i], "probability": p} for i, p in best]})
+            )
+        else:
+            ranked = ", ".join(f"{labels[i]} {p:.1%}" for i, p in best)
+            print(f"{Path(path).name:<28} {ranked}")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,197 @@
+"""Inference over a bundle with ONNX Runtime only (used by the edge, its offline fallback and the cloud).
+
+Cut semantics: the tensor "at cut k" is the hidden state after the embedding stage and blocks[0:k],
+for k in 0..L. `hidden_at(pixels, k)` computes it, `finish(hidden, k)` runs blocks[k:L] + head.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+from tokenizers import Tokenizer
+
+from splitclip.bundle import Bundle, block_file, load_bundle
+from splitclip.preprocess import ImageLike, PreprocessConfig, preprocess
+
+
+class PromptError(ValueError):
+    """Prompts that cannot be encoded (empty list, empty text, too many, too long)."""
+
+
+@dataclass(frozen=True)
+class PromptLimits:
+    max_prompts: int = 256
+    max_chars: int = 300
+
+
+def make_session_options(threads: int | None = None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    n = threads if threads is not None else int(os.environ.get("SPLITCLIP_ORT_THREADS", "0"))
+    if n > 0:
+        opts.intra_op_num_threads = n
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return opts
+
+
+class TextTokenizer:
+    """tokenizer.json -> int32 ids [batch, context_length], padded with pad id, truncated keeping eos."""
+
+    def __init__(self, path: str, context_length: int, pad_id: int, eos_id: int) -> None:
+        self.tok = Tokenizer.from_file(path)
+        self.tok.no_padding()
+        self.tok.no_truncation()
+        self.context_length = context_length
+        self.pad_id = pad_id
+        self.eos_id = eos_id
+
+    def __call__(self, prompts: Sequence[str]) -> NDArray[np.int32]:
+        ids = np.full((len(prompts), self.context_length), self.pad_id, dtype=np.int32)
+        for i, enc in enumerate(self.tok.encode_batch(list(prompts))):
+            row = enc.ids[: self.context_length]
+            if len(enc.ids) > self.context_length:
+                row[-1] = self.eos_id  # keep pooling well-defined on truncated prompts
+            ids[i, : len(row)] = row
+        return ids
+
+
+class BundleRuntime:
+    """ONNX Runtime sessions over one bundle; sessions are created lazily, per stage."""
+
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike[str],
+        *,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+        prompt_limits: PromptLimits | None = None,
+    ) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(os.fspath(bundle))
+        self.manifest = self.bundle.manifest
+        self._opts = make_session_options(threads)
+        self._providers = list(providers) if providers else ["CPUExecutionProvider"]
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self.prompt_limits = prompt_limits or PromptLimits()
+
+    # -- sessions ---------------------------------------------------------------------------
+    def session(self, name: str) -> ort.InferenceSession:
+        s = self._sessions.get(name)
+        if s is None:
+            s = ort.InferenceSession(str(self.bundle.path(name)), self._opts, providers=self._providers)
+            self._sessions[name] = s
+        return s
+
+    def _run(self, name: str, x: np.ndarray) -> np.ndarray:
+        s = self.session(name)
+        return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+    def warmup(self, cuts: Sequence[int] = (), text: bool = True) -> None:
+        for name in self.manifest.stage_files():
+            self.session(name)
+        if text:
+            self.session("text.onnx")
+
+    # -- image side -------------------------------------------------------------------------
+    @cached_property
+    def preprocess_config(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.bundle.read_json("preprocess.json"))
+
+    @property
+    def num_blocks(self) -> int:
+        return self.manifest.vision.num_blocks
+
+    def preprocess(self, images: list[ImageLike] | ImageLike) -> NDArray[np.float32]:
+        return preprocess(images, self.preprocess_config)  # [batch, 3, H, W]
+
+    def check_cut(self, k: int) -> None:
+        if not 0 <= k <= self.num_blocks:
+            raise ValueError(f"cut must be in 0..{self.num_blocks}, got {k}")
+
+    def embed(self, pixels: NDArray[np.float32]) -> NDArray[np.float32]:
+        return self._run("vision/embed.onnx", pixels)  # [batch, tokens, width]
+
+    def run_blocks(self, hidden: NDArray[np.float32], start: int, stop: int) -> NDArray[np.float32]:
+        for i in range(start, stop):
+            hidden = self._run(block_file(i), hidden)  # [batch, tokens, width]
+        return hidden
+
+    def head(self, hidden: NDArray[np.float32]) -> NDArray[np.float32]:
+        return self._run("vision/head.onnx", hidden)  # [batch, embed_dim], L2-normalised
+
+    def hidden_at(self, pixels: NDArray[np.float32], k: int) -> NDArray[np.float32]:
+        """Edge part: embedding + blocks[0:k] -> [batch, tokens, width]."""
+        self.check_cut(k)
+        return self.run_blocks(self.embed(pixels), 0, k)
+
+    def finish(self, hidden: NDArray[np.float32], k: int) -> NDArray[np.float32]:
+        """Cloud part: blocks[k:L] + head -> normalised embeddings [batch, embed_dim]."""
+        self.check_cut(k)
+        return self.head(self.run_blocks(hidden, k, self.num_blocks))
+
+    def image_features(self, pixels: NDArray[np.float32]) -> NDArray[np.float32]:
+        return self.finish(self.embed(pixels), 0)
+
+    def encode_images(self, images: list[ImageLike] | ImageLike) -> NDArray[np.float32]:
+        return self.image_features(self.preprocess(images))
+
+    # -- text side --------------------------------------------------------------------------
+    @cached_property
+    def tokenizer(self) -> TextTokenizer:
+        t = self.manifest.text
+        return TextTokenizer(
+            str(self.bundle.path("tokenizer.json")), t.context_length, t.pad_token_id, t.eos_token_id
+        )
+
+    def validate_prompts(self, prompts: Sequence[str]) -> list[str]:
+        lim = self.prompt_limits
+        if not prompts:
+            raise PromptError("prompts: at least one prompt is required")
+        if len(prompts) > lim.max_prompts:
+            raise PromptError(f"prompts: {len(prompts)} given, at most {lim.max_prompts} allowed")
+        out = []
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise PromptError(f"prompts[{i}]: must be non-empty text")
+            if len(p) > lim.max_chars:
+                raise PromptError(f"prompts[{i}]: {len(p)} characters, at most {lim.max_chars} allowed")
+            out.append(p)
+        return out
+
+    def encode_text(self, prompts: Sequence[str]) -> NDArray[np.float32]:
+        """Prompts -> L2-normalised embeddings [n, embed_dim]."""
+        ids = self.tokenizer(self.validate_prompts(prompts))  # [n, context]
+        return self._run("text.onnx", ids)
+
+    # -- scoring ----------------------------------------------------------------------------
+    def scores(self, image_emb: NDArray[np.float32], text_emb: NDArray[np.float32]) -> NDArray[np.float32]:
+        return zero_shot_probs(image_emb, text_emb, self.manifest.logit_scale)
+
+    def classify(self, images: list[ImageLike] | ImageLike, prompts: Sequence[str]) -> NDArray[np.float32]:
+        """Full local inference: probabilities [batch, n_prompts]."""
+        return self.scores(self.encode_images(images), self.encode_text(prompts))
+
+
+def zero_shot_probs(
+    image_emb: NDArray[np.float32], text_emb: NDArray[np.float32], logit_scale: float
+) -> NDArray[np.float32]:
+    """softmax(logit_scale * img @ txt.T) over prompts: [batch, n_prompts]."""
+    img = image_emb / np.linalg.norm(image_emb, axis=-1, keepdims=True)
+    txt = text_emb / np.linalg.norm(text_emb, axis=-1, keepdims=True)
+    logits = np.float32(logit_scale) * (img @ txt.T)
+    logits -= logits.max(axis=-1, keepdims=True)
+    e = np.exp(logits)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def top_k(probs: NDArray[np.float32], k: int) -> list[list[tuple[int, float]]]:
+    """Per row, the k best (index, probability) pairs, best first (ties: lower index first)."""
+    k = max(1, min(k, probs.shape[-1]))
+    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    return [[(int(i), float(row[i])) for i in idx] for row, idx in zip(probs, order, strict=True)]

@@ -1,0 +1,59 @@
+"""Session fixtures: checkpoints and bundles built once per test session (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODEL = ROOT / "models" / "demo-clip"
+SAMPLES = ROOT / "models" / "samples"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random CLIP (image 32, patch 8 -> 17 tokens, 3 blocks of width 64)."""
+    from tests.fixtures_models import save_random_clip
+
+    out = tmp_path_factory.mktemp("tiny-clip")
+    return save_random_clip(
+        out, image_size=32, patch_size=8, width=64, layers=3, heads=4,
+        text_width=64, text_layers=2, text_heads=4, projection_dim=32, context=16,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from partitioner.export import partition
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    partition(tiny_clip_dir, out, calibration_images=16, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_clip_dir() -> Path:
+    if not (DEMO_MODEL / "config.json").exists():
+        pytest.fail(f"the demo checkpoint is missing from {DEMO_MODEL}: run `splitclip train-demo`")
+    return DEMO_MODEL
+
+
+@pytest.fixture(scope="session")
+def demo_bundle_dir(demo_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from partitioner.export import partition
+
+    out = tmp_path_factory.mktemp("bundles") / "demo"
+    partition(demo_clip_dir, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_images() -> list[Path]:
+    paths = sorted(SAMPLES.glob("*.png"))
+    assert paths, f"no sample images in {SAMPLES}"
+    return paths
