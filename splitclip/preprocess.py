@@ -45,10 +45,14 @@ class PreprocessConfig:
     @staticmethod
     def from_hf(processor_config: dict[str, Any]) -> PreprocessConfig:
         """Read a Hugging Face preprocessor_config.json (CLIPImageProcessor)."""
-        size = processor_config.get("size", 224)
-        short = int(size.get("shortest_edge", size.get("height", 224)) if isinstance(size, dict) else size)
-        crop = processor_config.get("crop_size", short)
-        crop = int(crop.get("height", short) if isinstance(crop, dict) else crop)
+        size: Any = processor_config.get("size", 224)
+        short = (
+            int(size.get("shortest_edge") or size.get("height") or 224)
+            if isinstance(size, dict)
+            else int(size)
+        )
+        crop_cfg: Any = processor_config.get("crop_size", short)
+        crop = int(crop_cfg.get("height") or short) if isinstance(crop_cfg, dict) else int(crop_cfg)
         resample = {3: "bicubic", 2: "bilinear"}.get(int(processor_config.get("resample", 3)), "bicubic")
         return PreprocessConfig(
             resize_shortest_edge=int(short),
