@@ -8,6 +8,7 @@ cropped uint8 image as JPEG and the cloud normalises it.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,7 @@ def normalize(arr: NDArray[np.uint8], cfg: PreprocessConfig) -> NDArray[np.float
     return np.ascontiguousarray(np.moveaxis(x, -1, -3))
 
 
-def preprocess(images: list[ImageLike] | ImageLike, cfg: PreprocessConfig) -> NDArray[np.float32]:
+def preprocess(images: Sequence[ImageLike] | ImageLike, cfg: PreprocessConfig) -> NDArray[np.float32]:
     """Images -> pixel values float32 [batch, 3, crop, crop]."""
-    batch = images if isinstance(images, list) else [images]
+    batch: list[ImageLike] = list(images) if isinstance(images, list | tuple) else [images]  # type: ignore[list-item]
     return normalize(np.stack([to_model_input(im, cfg) for im in batch]), cfg)

@@ -107,7 +107,7 @@ class BundleRuntime:
     def num_blocks(self) -> int:
         return self.manifest.vision.num_blocks
 
-    def preprocess(self, images: list[ImageLike] | ImageLike) -> NDArray[np.float32]:
+    def preprocess(self, images: Sequence[ImageLike] | ImageLike) -> NDArray[np.float32]:
         return preprocess(images, self.preprocess_config)  # [batch, 3, H, W]
 
     def check_cut(self, k: int) -> None:
@@ -138,7 +138,7 @@ class BundleRuntime:
     def image_features(self, pixels: NDArray[np.float32]) -> NDArray[np.float32]:
         return self.finish(self.embed(pixels), 0)
 
-    def encode_images(self, images: list[ImageLike] | ImageLike) -> NDArray[np.float32]:
+    def encode_images(self, images: Sequence[ImageLike] | ImageLike) -> NDArray[np.float32]:
         return self.image_features(self.preprocess(images))
 
     # -- text side --------------------------------------------------------------------------
@@ -173,7 +173,7 @@ class BundleRuntime:
     def scores(self, image_emb: NDArray[np.float32], text_emb: NDArray[np.float32]) -> NDArray[np.float32]:
         return zero_shot_probs(image_emb, text_emb, self.manifest.logit_scale)
 
-    def classify(self, images: list[ImageLike] | ImageLike, prompts: Sequence[str]) -> NDArray[np.float32]:
+    def classify(self, images: Sequence[ImageLike] | ImageLike, prompts: Sequence[str]) -> NDArray[np.float32]:
         """Full local inference: probabilities [batch, n_prompts]."""
         return self.scores(self.encode_images(images), self.encode_text(prompts))
 
