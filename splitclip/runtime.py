@@ -173,7 +173,9 @@ class BundleRuntime:
     def scores(self, image_emb: NDArray[np.float32], text_emb: NDArray[np.float32]) -> NDArray[np.float32]:
         return zero_shot_probs(image_emb, text_emb, self.manifest.logit_scale)
 
-    def classify(self, images: Sequence[ImageLike] | ImageLike, prompts: Sequence[str]) -> NDArray[np.float32]:
+    def classify(
+        self, images: Sequence[ImageLike] | ImageLike, prompts: Sequence[str]
+    ) -> NDArray[np.float32]:
         """Full local inference: probabilities [batch, n_prompts]."""
         return self.scores(self.encode_images(images), self.encode_text(prompts))
 
