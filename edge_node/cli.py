@@ -1,0 +1,153 @@
+"""`splitclip edge classify PATH... (--prompt TEXT ... | --labels FILE) [--cloud HOST:PORT] ...`
+
+Classifies images with an `EdgeNode`: split mode when a cloud is given and healthy, local otherwise.
+Shows a progress bar, then a summary table (top label, probability, mode, bytes sent, latency), and
+writes one JSON object per image to --out. Unset flags fall back to `SPLITCLIP_*` variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from edge_node.results import EdgeResult
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def build_parser(c: argparse.ArgumentParser) -> None:
+    """Arguments of `splitclip edge classify` (splitclip/cli.py creates the subcommand)."""
+    c.add_argument("paths", nargs="+", type=Path, help="images, or directories of images")
+    what = c.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT", help="a prompt (repeat)")
+    what.add_argument("--labels", type=Path, metavar="FILE", help="file with one prompt per line")
+    c.add_argument("--bundle", type=Path, help="bundle directory [SPLITCLIP_BUNDLE, bundles/demo]")
+    c.add_argument("--cloud", metavar="HOST:PORT", help="cloud gRPC address [SPLITCLIP_CLOUD]; none = local")
+    c.add_argument("--cut", type=int, metavar="K", help="split after K vision blocks [SPLITCLIP_CUT]")
+    c.add_argument("--codec", metavar="PRESET", help="codec preset [SPLITCLIP_CODEC, int8-zstd]")
+    c.add_argument("--top-k", type=int, help="labels per result [SPLITCLIP_TOP_K, 5]")
+    c.add_argument(
+        "--deadline", type=float, metavar="S", help="per-frame deadline [SPLITCLIP_FRAME_DEADLINE_S]"
+    )
+    c.add_argument("--window", type=int, help="frames in flight [SPLITCLIP_WINDOW]")
+    c.add_argument("--node-id", help="node id [SPLITCLIP_NODE_ID]")
+    c.add_argument("--out", type=Path, metavar="results.jsonl", help="write one JSON result per line")
+    c.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+
+
+def expand_paths(paths: Sequence[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            out.append(p)
+    return out
+
+
+def read_labels(path: Path) -> list[str]:
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from edge_node.node import EdgeNode
+    from edge_node.settings import EdgeSettings
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        prompts = args.prompts or read_labels(args.labels)
+        images = expand_paths(args.paths)
+        settings = EdgeSettings.from_env(
+            bundle=args.bundle,
+            cloud=args.cloud,
+            cut=args.cut,
+            codec=args.codec,
+            top_k=args.top_k,
+            frame_deadline_s=args.deadline,
+            window=args.window,
+            node_id=args.node_id,
+        )
+        if not images:
+            raise ValueError("no images found in the given paths")
+        node = EdgeNode(settings=settings)
+    except (OSError, ValueError) as e:
+        print(f"splitclip edge classify: {e}", file=sys.stderr)
+        return 2
+    results: list[EdgeResult] = []
+    out = args.out.open("w") if args.out else None
+    try:
+        with node:
+            if not args.quiet:
+                print(f"bundle {node.bundle_id}, mode {node.mode} ({node.mode_reason})", file=sys.stderr)
+            bar = tqdm(total=len(images), unit="img", disable=args.quiet, file=sys.stderr)
+            for r in node.classify_many(images, prompts, sources=[str(p) for p in images]):
+                results.append(r)
+                if out is not None:
+                    out.write(json.dumps(r.to_dict()) + "\n")
+                bar.update(1)
+                bar.set_postfix(mode=r.mode)
+            bar.close()
+    except ValueError as e:  # bad prompts
+        print(f"splitclip edge classify: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if out is not None:
+            out.close()
+    if not args.quiet:
+        print_table(sorted(results, key=lambda r: r.frame_id), sys.stdout)
+    return 1 if any(not r.ok for r in results) else 0
+
+
+def print_table(results: Sequence[EdgeResult], f: TextIO) -> None:
+    rows = [("image", "top label", "prob", "mode", "reason", "bytes", "latency ms")]
+    for r in results:
+        rows.append(
+            (
+                Path(r.source).name,
+                r.top_label or f"ERROR {r.error}",
+                f"{r.top_prob:.3f}" if r.top_prob is not None else "-",
+                r.mode,
+                _short(r.reason, 32),
+                str(r.bytes_sent),
+                f"{r.latency_ms:.1f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    right = {2, 5, 6}
+    for n, row in enumerate(rows):
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip(), file=f)
+        if n == 0:
+            print("  ".join("-" * w for w in widths), file=f)
+    split = sum(r.mode == "split" for r in results)
+    total_bytes = sum(r.bytes_sent for r in results)
+    mean_ms = sum(r.latency_ms for r in results) / max(1, len(results))
+    print(
+        f"{len(results)} images: {split} split, {len(results) - split} local; "
+        f"{total_bytes} bytes sent; mean latency {mean_ms:.1f} ms",
+        file=f,
+    )
+
+
+def _short(s: str, n: int) -> str:
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="splitclip edge classify")
+    build_parser(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

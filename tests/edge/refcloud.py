@@ -1,0 +1,165 @@
+"""A small in-process SplitClip gRPC server for the edge unit tests.
+
+It is real gRPC over a real socket and computes real answers (codec.decode + BundleRuntime over
+the same bundle), so the edge client, stream window and breaker run for real. It exists for
+faults the real Ray Serve cloud cannot produce on demand: an answer held back past the frame
+deadline (a late duplicate), a stream cut after N frames, per-frame error results, a server that
+stops and comes back on the same port within a test. End-to-end behaviour against the real cloud
+is tested in tests/e2e/.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from splitclip import codec
+from splitclip.runtime import BundleRuntime, top_k
+from splitclip.wire import pb, pb_grpc
+
+
+@dataclass
+class Faults:
+    delay_s: float = 0.0  # before answering each frame
+    delay_frames: set[int] = field(default_factory=set)  # only these frame ids are delayed (empty = all)
+    cut_stream_after: int | None = None  # abort a stream with UNAVAILABLE after this many frames
+    error_frames: dict[int, str] = field(default_factory=dict)  # frame_id -> error code in the Result
+    unary_codes: list[grpc.StatusCode] = field(default_factory=list)  # Classify fails with these first
+
+
+class RefCloud(pb_grpc.SplitClipServicer):
+    def __init__(self, bundle_dir, *, token: str | None = None, cloud_bundle_id: str | None = None) -> None:
+        self.rt = BundleRuntime(bundle_dir)
+        self.rt.warmup()
+        self.spec = codec.TensorSpec.from_manifest(self.rt.manifest)
+        self.token = token
+        self.bundle_id = cloud_bundle_id or self.rt.manifest.bundle_id
+        self.faults = Faults()
+        self.frames = 0
+        self.hellos = 0
+        self.classify_calls = 0
+        self._lock = threading.Lock()
+        self._server: grpc.Server | None = None
+        self.port = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self, port: int = 0) -> str:
+        server = grpc.server(futures.ThreadPoolExecutor(8))
+        pb_grpc.add_SplitClipServicer_to_server(self, server)
+        self.port = server.add_insecure_port(f"127.0.0.1:{port or self.port}")
+        server.start()
+        self._server = server
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(grace=None).wait()
+            self._server = None
+
+    # -- service ---------------------------------------------------------------------------------
+    def _auth(self, context: grpc.ServicerContext) -> None:
+        if self.token is None:
+            return
+        md = dict(context.invocation_metadata())
+        if md.get("x-splitclip-token") != self.token:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong node token")
+
+    def _answer(self, f: pb.Frame) -> pb.Result:
+        if f.frame_id in self.faults.error_frames:
+            return pb.Result(
+                frame_id=f.frame_id,
+                error=pb.Error(code=self.faults.error_frames[f.frame_id], message="injected"),
+            )
+        if f.bundle_id != self.bundle_id:
+            return pb.Result(
+                frame_id=f.frame_id, error=pb.Error(code="FAILED_PRECONDITION", message="bundle mismatch")
+            )
+        x = codec.decode(f.payload, cut=f.cut, spec=self.spec).array
+        if f.cut == 0:
+            from splitclip.preprocess import normalize
+
+            emb = self.rt.image_features(normalize(x[None], self.rt.preprocess_config))[0]
+        elif f.cut == self.rt.num_blocks:
+            emb = x
+        else:
+            emb = self.rt.finish(x[None], f.cut)[0]
+        probs = self.rt.scores(emb[None], self.rt.encode_text(list(f.prompts)))[0]
+        best = top_k(probs[None], f.top_k or 5)[0]
+        top = [pb.Label(index=i, prompt=f.prompts[i], probability=p) for i, p in best]
+        return pb.Result(
+            frame_id=f.frame_id, top=top, probabilities=probs.tolist(), bundle_id=self.bundle_id, cut=f.cut
+        )
+
+    def _maybe_delay(self, frame_id: int) -> None:
+        fl = self.faults
+        if fl.delay_s and (not fl.delay_frames or frame_id in fl.delay_frames):
+            time.sleep(fl.delay_s)
+
+    def Hello(self, request, context):
+        self._auth(context)
+        with self._lock:
+            self.hellos += 1
+        return pb.HelloResponse(
+            accepted=request.bundle_id == self.bundle_id,
+            cloud_bundle_id=self.bundle_id,
+            num_blocks=self.rt.num_blocks,
+            message="" if request.bundle_id == self.bundle_id else "bundle mismatch",
+        )
+
+    def EncodeText(self, request, context):
+        self._auth(context)
+        emb = self.rt.encode_text(list(request.prompts)).astype("<f4")
+        return pb.TextResponse(bundle_id=self.bundle_id, dim=emb.shape[1], embeddings=emb.tobytes())
+
+    def Classify(self, request, context):
+        self._auth(context)
+        with self._lock:
+            self.classify_calls += 1
+            code = self.faults.unary_codes.pop(0) if self.faults.unary_codes else None
+        if code is not None:
+            context.abort(code, "injected")
+        self._maybe_delay(request.frame_id)
+        return self._answer(request)
+
+    def ClassifyStream(self, request_iterator, context):
+        """Frames are answered concurrently, so results come back out of order (like the real cloud)."""
+        self._auth(context)
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        pool = futures.ThreadPoolExecutor(8)
+
+        def work(f: pb.Frame) -> None:
+            self._maybe_delay(f.frame_id)
+            out.put(self._answer(f))
+
+        def read() -> None:
+            try:
+                for n, f in enumerate(request_iterator, start=1):
+                    with self._lock:
+                        self.frames += 1
+                    if self.faults.cut_stream_after is not None and n > self.faults.cut_stream_after:
+                        out.put(_CUT)
+                        return
+                    pool.submit(work, f)
+            except grpc.RpcError:
+                pass
+            pool.shutdown(wait=True)
+            out.put(_END)
+
+        threading.Thread(target=read, daemon=True).start()
+        while (item := out.get()) is not _END:
+            if item is _CUT:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "injected link drop")
+            yield item
+
+
+_END, _CUT = object(), object()
+
+
+def probs_close(a: list[float], b: list[float], atol: float = 1e-5) -> bool:
+    return bool(np.allclose(np.asarray(a), np.asarray(b), atol=atol))

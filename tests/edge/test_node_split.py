@@ -1,0 +1,160 @@
+"""Split mode against a real gRPC server (tests/edge/refcloud.py): equality, window, deadlines,
+dropped links, breaker recovery, bundle mismatch, token refusal, unary retries."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from edge_node.node import EdgeNode
+from edge_node.results import EdgeResult
+from tests.edge.conftest import PROMPTS
+from tests.edge.refcloud import RefCloud
+
+FAST = {"probe_interval_s": 0.2, "probe_max_s": 0.5, "hello_timeout_s": 3.0}
+
+
+def by_id(results) -> list[EdgeResult]:
+    out = sorted(results, key=lambda r: r.frame_id)
+    assert len({r.frame_id for r in out}) == len(out), "a frame was answered twice"
+    return out
+
+
+@pytest.mark.parametrize("cut", [0, 1, 3])
+def test_split_equals_local_with_the_lossless_codec(bundle: Path, images, cloud: RefCloud, cut: int) -> None:
+    with (
+        EdgeNode(bundle, cloud=f"127.0.0.1:{cloud.port}", cut=cut, codec="lossless") as node,
+        EdgeNode(bundle) as local,
+    ):
+        split = by_id(node.classify_many(images, PROMPTS))
+        ref = by_id(local.classify_many(images, PROMPTS))
+        one = node.classify(images[0], PROMPTS)  # the unary path
+    assert [r.mode for r in split] == ["split"] * len(images)
+    assert all(r.reason == "cloud" and r.bytes_sent > 0 and r.cut == cut for r in split)
+    for s, r in zip(split, ref, strict=True):
+        assert s.labels == r.labels
+        np.testing.assert_allclose(s.probabilities, r.probabilities, atol=1e-5)
+    assert one.mode == "split"
+    np.testing.assert_allclose(one.probabilities, ref[0].probabilities, atol=1e-5)
+    assert cloud.frames == len(images) and cloud.classify_calls == 1
+
+
+def test_window_bounds_frames_in_flight(bundle: Path, images, cloud: RefCloud) -> None:
+    cloud.faults.delay_s = 0.05
+    with EdgeNode(bundle, cloud=f"127.0.0.1:{cloud.port}", window=3, codec="fp16") as node:
+        results = by_id(node.classify_many(images, PROMPTS))
+        stream = node._stream
+        assert stream is not None
+        assert stream.max_in_flight == 3  # filled, never exceeded
+    assert [r.mode for r in results] == ["split"] * len(images)
+
+
+def test_frame_past_its_deadline_is_answered_locally_once(bundle: Path, images, cloud: RefCloud) -> None:
+    cloud.faults.delay_s = 0.8
+    cloud.faults.delay_frames = {3}  # node frame ids start at 1
+    with EdgeNode(bundle, cloud=f"127.0.0.1:{cloud.port}", frame_deadline_s=0.4, breaker_failures=5) as node:
+        results = by_id(node.classify_many(images[:6], PROMPTS))
+        time.sleep(0.6)  # let the late cloud answer arrive
+        node.close()
+        assert node.stats.late_dropped == 1  # the cloud's answer came after the local one: dropped
+        assert node.stats.frames == 6
+    modes = {r.frame_id: (r.mode, r.reason) for r in results}
+    assert modes[3] == ("local", "deadline")
+    assert all(m == ("split", "cloud") for fid, m in modes.items() if fid != 3)
+    assert results[2].bytes_sent > 0  # it was sent before it timed out
+
+
+def test_dropped_link_reruns_in_flight_frames_locally_exactly_once(
+    bundle: Path, images, cloud: RefCloud
+) -> None:
+    cloud.faults.cut_stream_after = 4
+    cloud.faults.delay_s = 0.02
+    with (
+        EdgeNode(bundle, cloud=f"127.0.0.1:{cloud.port}", window=4, breaker_failures=100, **FAST) as node,
+        EdgeNode(bundle) as local,
+    ):
+        results = by_id(node.classify_many(images, PROMPTS))
+        ref = by_id(local.classify_many(images, PROMPTS))
+    assert [r.frame_id for r in results] == list(range(1, len(images) + 1))
+    reasons = Counter(r.reason.split(":")[0] for r in results)
+    assert reasons["cloud"] >= 4 and reasons["link_lost"] >= 1, reasons
+    for r, want in zip(results, ref, strict=True):  # whichever side answered, the answer is right
+        np.testing.assert_allclose(r.probabilities, want.probabilities, atol=1e-2)
+
+
+def test_cloud_death_opens_the_breaker_and_recovery_closes_it(bundle: Path, images, cloud: RefCloud) -> None:
+    addr = f"127.0.0.1:{cloud.port}"
+    with EdgeNode(bundle, cloud=addr, breaker_failures=2, **FAST) as node:
+        first = list(node.classify_many(images[:3], PROMPTS))
+        assert {r.mode for r in first} == {"split"}
+        cloud.stop()
+        down = by_id(node.classify_many(images, PROMPTS))
+        assert len(down) == len(images)
+        assert down[-1].mode == "local" and down[-1].reason.startswith("breaker_open")
+        assert node.mode == "local"
+        cloud.start(cloud.port)
+        t0 = time.monotonic()
+        while node.mode != "split":
+            assert time.monotonic() - t0 < 5.0, "did not return to split mode within 5 s"
+            time.sleep(0.05)
+        again = node.classify(images[0], PROMPTS)
+        assert again.mode == "split"
+        assert node.breaker.opened == 1
+
+
+def test_bundle_mismatch_goes_local_with_the_reason(bundle: Path, images, caplog) -> None:
+    rc = RefCloud(bundle, cloud_bundle_id="b-0000000000000000")
+    rc.start()
+    try:
+        with (
+            caplog.at_level("WARNING", logger="splitclip.edge"),
+            EdgeNode(bundle, cloud=f"127.0.0.1:{rc.port}", **FAST) as node,
+        ):
+            results = list(node.classify_many(images[:4], PROMPTS))
+            time.sleep(1.2)  # the prober keeps asking; no crash loop, one log line
+        assert {r.mode for r in results} == {"local"}
+        assert all(
+            r.reason.startswith("bundle_mismatch") and "b-0000000000000000" in r.reason for r in results
+        )
+        assert rc.frames == 0
+        assert rc.hellos >= 2
+        assert sum("bundle_mismatch" in m for m in caplog.messages) == 1
+    finally:
+        rc.stop()
+
+
+def test_wrong_token_is_unauthenticated_and_answers_locally(bundle: Path, images) -> None:
+    rc = RefCloud(bundle, token="right")
+    rc.start()
+    try:
+        with EdgeNode(bundle, cloud=f"127.0.0.1:{rc.port}", node_token="wrong", **FAST) as node:
+            r = node.classify(images[0], PROMPTS)
+        assert (r.mode, r.reason.split(":")[0]) == ("local", "unauthenticated")
+        with EdgeNode(bundle, cloud=f"127.0.0.1:{rc.port}", node_token="right", **FAST) as node:
+            assert node.classify(images[0], PROMPTS).mode == "split"
+    finally:
+        rc.stop()
+
+
+def test_unary_retries_transient_statuses_only(bundle: Path, images, cloud: RefCloud) -> None:
+    with EdgeNode(bundle, cloud=f"127.0.0.1:{cloud.port}", retry_attempts=3, **FAST) as node:
+        cloud.faults.unary_codes = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED]
+        r = node.classify(images[0], PROMPTS)
+        assert (r.mode, cloud.classify_calls) == ("split", 3)
+        cloud.faults.unary_codes = [grpc.StatusCode.INVALID_ARGUMENT]
+        r = node.classify(images[0], PROMPTS)
+        assert (r.mode, cloud.classify_calls) == ("local", 4)  # not retried
+        assert r.reason.startswith("cloud_error: INVALID_ARGUMENT")
+
+
+def test_error_results_are_rerun_locally(bundle: Path, images, cloud: RefCloud) -> None:
+    cloud.faults.error_frames = {2: "INVALID_ARGUMENT"}
+    with EdgeNode(bundle, cloud=f"127.0.0.1:{cloud.port}", **FAST) as node:
+        results = by_id(node.classify_many(images[:4], PROMPTS))
+    assert [r.mode for r in results] == ["split", "local", "split", "split"]
+    assert results[1].reason.startswith("cloud_error: INVALID_ARGUMENT")

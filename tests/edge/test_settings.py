@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge_node.settings import EdgeSettings
+
+
+def test_reads_typed_values_from_the_environment(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    env = {
+        "SPLITCLIP_CLOUD": "cloud:9000",
+        "SPLITCLIP_NODE_ID": "cam-7",
+        "SPLITCLIP_NODE_TOKEN_FILE": str(token),
+        "SPLITCLIP_TLS_CA": "/etc/ca.pem",
+        "SPLITCLIP_CUT": "3",
+        "SPLITCLIP_CODEC": "fp16",
+        "SPLITCLIP_FRAME_DEADLINE_S": "1.5",
+        "SPLITCLIP_WINDOW": "4",
+    }
+    s = EdgeSettings.from_env(env)
+    assert (s.cloud, s.node_id, s.node_token, s.cut, s.codec) == ("cloud:9000", "cam-7", "s3cret", 3, "fp16")
+    assert s.tls_ca == Path("/etc/ca.pem") and s.frame_deadline_s == 1.5 and s.window == 4
+
+
+def test_overrides_win_and_none_does_not_override() -> None:
+    s = EdgeSettings.from_env(
+        {"SPLITCLIP_CUT": "3", "SPLITCLIP_NODE_TOKEN": "a"}, cut=5, cloud=None, window="2"
+    )
+    assert s.cut == 5 and s.cloud is None and s.window == 2 and s.node_token == "a"
+    assert s.node_id.startswith("edge-")
+
+
+@pytest.mark.parametrize(
+    ("var", "value"), [("SPLITCLIP_WINDOW", "0"), ("SPLITCLIP_CUT", "three"), ("SPLITCLIP_CLOUD", "noport")]
+)
+def test_rejects_bad_values(var: str, value: str) -> None:
+    with pytest.raises(ValueError):
+        EdgeSettings.from_env({var: value})
