@@ -1,0 +1,191 @@
+"""Redis: the prompt-embedding cache shared by all replicas, prompt sets and the node registry.
+
+Redis is an optimisation, never a dependency: every operation has a short timeout, and a failure
+marks the store down (one log line + a metric) so that requests skip Redis instead of waiting on it.
+While down, Redis is tried again at most every `retry_s`; the first success logs that it is back.
+
+Keys (all under `splitclip:v1:`):
+    emb:{bundle_id}:{sha256(normalised prompt)}   float32 [embed_dim] little-endian, TTL cache_ttl_s
+    pset:{bundle_id}:{prompt_set_id}             JSON {"labels": [...], "templates": [...]}
+    node:{node_id}                               JSON of the node's last Hello, TTL 3x heartbeat
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import unicodedata
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import redis.asyncio as aioredis
+from numpy.typing import NDArray
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+log = logging.getLogger("splitclip.cloud.cache")
+PREFIX = "splitclip:v1:"
+T = TypeVar("T")
+
+
+def normalise_prompt(text: str) -> str:
+    """The cache key form of a prompt: NFC, surrounding whitespace stripped, inner runs collapsed.
+    The embedding is computed from this form too, so a key always matches its value."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def prompt_key(bundle_id: str, prompt: str) -> str:
+    digest = hashlib.sha256(normalise_prompt(prompt).encode()).hexdigest()[:32]
+    return f"{PREFIX}emb:{bundle_id}:{digest}"
+
+
+def prompt_set_id(bundle_id: str, labels: Sequence[str], templates: Sequence[str]) -> str:
+    """Content address of a prompt set: the same labels + templates give the same id on every replica."""
+    body = json.dumps([bundle_id, [normalise_prompt(p) for p in labels], list(templates)])
+    return "ps-" + hashlib.sha256(body.encode()).hexdigest()[:24]
+
+
+class RedisStore:
+    """A redis.asyncio client that degrades to "no cache" while Redis is unreachable."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 0.25,
+        retry_s: float = 1.0,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self._on_error = on_error
+        self._down_since: float | None = None
+        self._next_try = 0.0
+        # One retry: after a Redis restart the first command on a pooled socket fails, the retry reconnects.
+        self._client: aioredis.Redis | None = (
+            aioredis.from_url(
+                url,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                retry=Retry(NoBackoff(), 1),
+            )
+            if url
+            else None
+        )
+
+    @property
+    def configured(self) -> bool:
+        return self._client is not None
+
+    @property
+    def available(self) -> bool:
+        return self._client is not None and self._down_since is None
+
+    async def call(self, op: str, fn: Callable[[aioredis.Redis], Awaitable[T]]) -> T | None:
+        """Run `fn(client)`; None when Redis is not configured, down, or fails now."""
+        if self._client is None:
+            return None
+        now = time.monotonic()
+        if self._down_since is not None and now < self._next_try:
+            return None
+        try:
+            result = await asyncio.wait_for(fn(self._client), timeout=self.timeout_s * 4)
+        except (RedisError, OSError, TimeoutError) as e:
+            self._next_try = time.monotonic() + self.retry_s
+            if self._down_since is None:
+                self._down_since = now
+                log.warning("redis at %s unavailable (%s: %s); serving without the cache", self.url, op, e)
+            if self._on_error:
+                self._on_error(op)
+            return None
+        if self._down_since is not None:
+            log.warning("redis at %s is back after %.1f s; cache enabled", self.url, now - self._down_since)
+            self._down_since = None
+        return result
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+
+class PromptCache:
+    """Normalised prompt -> embedding, per bundle, in Redis."""
+
+    def __init__(self, store: RedisStore, bundle_id: str, embed_dim: int, ttl_s: int) -> None:
+        self.store = store
+        self.bundle_id = bundle_id
+        self.embed_dim = embed_dim
+        self.ttl_s = ttl_s
+
+    async def get_many(self, prompts: Sequence[str]) -> list[NDArray[np.float32] | None]:
+        keys = [prompt_key(self.bundle_id, p) for p in prompts]
+        raw = await self.store.call("mget", lambda r: r.mget(keys))
+        if raw is None:
+            return [None] * len(prompts)
+        out: list[NDArray[np.float32] | None] = []
+        for value in raw:
+            if value is not None and len(value) == 4 * self.embed_dim:
+                out.append(np.frombuffer(value, dtype="<f4").astype(np.float32))
+            else:
+                out.append(None)  # absent, or written by something else: recompute
+        return out
+
+    async def put_many(self, prompts: Sequence[str], embeddings: NDArray[np.float32]) -> None:
+        # embeddings: [n, embed_dim]
+        async def put(r: aioredis.Redis) -> Any:
+            pipe = r.pipeline(transaction=False)
+            for p, e in zip(prompts, embeddings, strict=True):
+                pipe.set(prompt_key(self.bundle_id, p), np.asarray(e, "<f4").tobytes(), ex=self.ttl_s)
+            return await pipe.execute()
+
+        await self.store.call("set", put)
+
+
+class PromptSets:
+    """prompt_set_id -> (labels, templates), so frames can send an id instead of the prompts."""
+
+    def __init__(self, store: RedisStore, bundle_id: str, ttl_s: int) -> None:
+        self.store = store
+        self.bundle_id = bundle_id
+        self.ttl_s = ttl_s
+
+    def _key(self, set_id: str) -> str:
+        return f"{PREFIX}pset:{self.bundle_id}:{set_id}"
+
+    async def put(self, set_id: str, labels: Sequence[str], templates: Sequence[str]) -> None:
+        body = json.dumps({"labels": list(labels), "templates": list(templates)})
+        await self.store.call("pset.set", lambda r: r.set(self._key(set_id), body, ex=self.ttl_s))
+
+    async def get(self, set_id: str) -> tuple[list[str], list[str]] | None:
+        raw = await self.store.call("pset.get", lambda r: r.get(self._key(set_id)))
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        return list(data["labels"]), list(data["templates"])
+
+
+class NodeRegistry:
+    """node_id -> last Hello, expiring unless the node says Hello again within the TTL (its heartbeat)."""
+
+    def __init__(self, store: RedisStore, ttl_s: float) -> None:
+        self.store = store
+        self.ttl_s = max(1, round(ttl_s))
+
+    @staticmethod
+    def key(node_id: str) -> str:
+        return f"{PREFIX}node:{node_id}"
+
+    async def register(self, node_id: str, info: dict[str, Any]) -> bool:
+        body = json.dumps({**info, "seen_at": time.time()})
+        ok = await self.store.call("node.set", lambda r: r.set(self.key(node_id), body, ex=self.ttl_s))
+        return ok is not None
+
+    async def get(self, node_id: str) -> dict[str, Any] | None:
+        raw = await self.store.call("node.get", lambda r: r.get(self.key(node_id)))
+        return None if raw is None else json.loads(raw)

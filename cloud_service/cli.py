@@ -1,0 +1,109 @@
+"""`splitclip cloud --bundle B`: run the cloud service on this machine.
+
+Starts a local Ray, an embedded Valkey (unless SPLITCLIP_REDIS_URL or --redis-url names a Redis),
+deploys deploy/serve_config.yaml with the bundle, prints the gRPC address and serves until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+DESCRIPTION = """\
+Start the splitclip cloud service on this machine: a local Ray cluster running Ray Serve with
+deploy/serve_config.yaml (the same file `serve deploy` uses), reachable through Serve's gRPC proxy
+as service splitclip.v1.SplitClip. The prompt cache and node registry live in Redis:
+SPLITCLIP_REDIS_URL (or --redis-url) points at one, otherwise an embedded Valkey is started.
+Set SPLITCLIP_NODE_TOKEN to require the token from every node (metadata x-splitclip-token or
+`authorization: Bearer TOKEN`)."""
+
+
+def build_parser(p: argparse.ArgumentParser) -> None:
+    p.description = DESCRIPTION
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument(
+        "--bundle", default=os.environ.get("SPLITCLIP_BUNDLE"), help="bundle directory (SPLITCLIP_BUNDLE)"
+    )
+    p.add_argument("--config", default=None, help="Serve config (default: deploy/serve_config.yaml)")
+    p.add_argument(
+        "--port", type=int, default=None, help="gRPC port (SPLITCLIP_GRPC_PORT, else the config's)"
+    )
+    p.add_argument(
+        "--http-port", type=int, default=None, help="Serve HTTP proxy port (default: the config's)"
+    )
+    p.add_argument(
+        "--redis-url", default=None, help="Redis URL (SPLITCLIP_REDIS_URL); unset: embedded Valkey"
+    )
+    p.add_argument("--max-batch-size", type=int, default=None, help="vision tail batch size")
+    p.add_argument("--batch-wait-s", type=float, default=None, help="vision tail batch wait in seconds")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
+    p.add_argument("--once", action="store_true", help="exit once the service is up (for smoke tests)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from cloud_service import launch
+    from cloud_service.embedded_redis import EmbeddedRedis
+    from splitclip.bundle import load_bundle
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if not args.bundle:
+        print("error: --bundle (or SPLITCLIP_BUNDLE) is required", file=sys.stderr)
+        return 2
+    bundle_dir = Path(args.bundle).resolve()
+    bundle = load_bundle(bundle_dir)  # fail here, with a clear message, rather than in a replica
+
+    redis_url = args.redis_url or os.environ.get("SPLITCLIP_REDIS_URL", "")
+    embedded = None
+    if not redis_url:
+        embedded = EmbeddedRedis().start()
+        redis_url = embedded.url
+        print(f"splitclip cloud: embedded Valkey at {redis_url}", flush=True)
+    grpc_port = args.port or int(os.environ.get("SPLITCLIP_GRPC_PORT", "0") or 0) or None
+    cfg = launch.with_overrides(
+        launch.load_config(args.config),
+        args={
+            "bundle": str(bundle_dir),
+            "redis_url": redis_url,
+            "max_batch_size": args.max_batch_size,
+            "batch_wait_s": args.batch_wait_s,
+        },
+        grpc_port=grpc_port,
+        http_port=args.http_port,
+    )
+    port = cfg["grpc_options"]["port"]
+    try:
+        print(f"splitclip cloud: starting Ray and Serve for bundle {bundle.id} ...", flush=True)
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+        launch.deploy(cfg)
+        print(
+            f"splitclip cloud: gRPC on 127.0.0.1:{port} (service splitclip.v1.SplitClip, "
+            f"application '{cfg['applications'][0]['name']}', bundle {bundle.id}); Ctrl-C stops",
+            flush=True,
+        )
+        if not args.once:
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            with contextlib.suppress(KeyboardInterrupt):
+                stop.wait()
+    finally:
+        print("splitclip cloud: shutting down", flush=True)
+        serve.shutdown()
+        ray.shutdown()
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    _p = argparse.ArgumentParser(prog="splitclip cloud")
+    build_parser(_p)
+    raise SystemExit(run(_p.parse_args()))

@@ -1,0 +1,97 @@
+"""Deploy deploy/serve_config.yaml on a running Ray, the way `serve run CONFIG` does, with overrides.
+
+Used by `splitclip cloud`, `splitclip bench cloud` and the tests, so that all of them run exactly
+the configuration a cluster would (Serve applies the file's per-deployment overrides too).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger("splitclip.cloud.launch")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "serve_config.yaml"
+
+
+def load_config(path: str | Path | None = None) -> dict[str, Any]:
+    p = Path(path) if path else DEFAULT_CONFIG
+    if not p.is_file():
+        raise FileNotFoundError(f"Serve config {p} not found (pass --config)")
+    return yaml.safe_load(p.read_text())
+
+
+def with_overrides(
+    config: dict[str, Any],
+    *,
+    args: dict[str, Any] | None = None,
+    grpc_port: int | None = None,
+    http_port: int | None = None,
+    env: dict[str, str] | None = None,
+    deployments: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A copy of `config` with the splitclip application's args / env / deployment options changed."""
+    cfg = copy.deepcopy(config)
+    if grpc_port is not None:
+        cfg.setdefault("grpc_options", {})["port"] = grpc_port
+    if http_port is not None:
+        cfg.setdefault("http_options", {})["port"] = http_port
+    app = cfg["applications"][0]
+    if args:
+        app["args"] = {**app.get("args", {}), **{k: v for k, v in args.items() if v is not None}}
+    if env:
+        runtime_env = app.setdefault("runtime_env", {})
+        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
+    for name, opts in (deployments or {}).items():
+        entries = app.setdefault("deployments", [])
+        entry = next((d for d in entries if d["name"] == name), None)
+        if entry is None:
+            entries.append({"name": name, **opts})
+        else:
+            entry.update(opts)
+    return cfg
+
+
+def deploy(config: dict[str, Any], *, timeout_s: float = 180.0) -> None:
+    """Start Serve with the config's proxy options and deploy its applications; wait until RUNNING."""
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    serve.start(
+        proxy_location=schema.proxy_location,
+        http_options=schema.http_options.model_dump(),
+        grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+    )
+    _get_global_client().deploy_apps(schema, _blocking=False)
+    wait_running([a.name for a in schema.applications], timeout_s=timeout_s)
+
+
+def wait_running(apps: list[str], *, timeout_s: float) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while True:
+        status = serve.status().applications
+        states = {name: (status[name].status if name in status else "NOT_STARTED") for name in apps}
+        line = ", ".join(f"{n}: {s}" for n, s in states.items())
+        if line != last:
+            log.info("serve applications: %s", line)
+            last = line
+        if all(s == "RUNNING" for s in states.values()):
+            return
+        failed = [n for n, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")]
+        if failed:
+            msgs = "; ".join(f"{n}: {status[n].message}" for n in failed)
+            raise RuntimeError(f"Serve deployment failed: {msgs}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve applications not running after {timeout_s:.0f} s ({line})")
+        time.sleep(0.5)

@@ -1,0 +1,87 @@
+"""Typed settings of the cloud service: defaults < `SPLITCLIP_*` environment < application args.
+
+The Serve application builder (`cloud_service.app:build`) receives the `args` of
+deploy/serve_config.yaml; any key there overrides the environment, which overrides the defaults.
+The node token is read from the environment only (a Kubernetes Secret), never from the config.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+ENV_PREFIX = "SPLITCLIP_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class CloudSettings:
+    bundle: str = ""  # bundle directory, the same bundle the edge nodes run
+    redis_url: str = ""  # redis://host:port/db of the shared prompt cache + node registry; "" = no cache
+    node_token: str = ""  # when set, every call must carry it (metadata x-splitclip-token or authorization)
+    grpc_port: int = 9000  # port of Serve's gRPC proxy (used by `splitclip cloud`)
+    max_batch_size: int = 32  # vision tail @serve.batch size
+    batch_wait_s: float = 0.004  # how long the tail waits for a batch to fill
+    max_payload_bytes: int = 4 << 20  # bigger Frame.payload -> RESOURCE_EXHAUSTED
+    max_prompts: int = 256  # labels per request
+    max_prompt_chars: int = 300
+    max_templates: int = 16
+    tail_threads: int = 0  # ONNX Runtime intra-op threads of a vision tail replica (0 = ORT default)
+    text_threads: int = 1  # ONNX Runtime intra-op threads of a text encoder replica
+    stream_max_inflight: int = 128  # frames of one bidi stream processed concurrently (backpressure above)
+    heartbeat_interval_s: float = 10.0  # nodes re-send Hello this often; the registry TTL is 3x this
+    cache_ttl_s: int = 7 * 24 * 3600  # prompt embeddings and prompt sets in Redis
+    redis_timeout_s: float = 0.25  # per Redis operation; a slower Redis counts as down
+    redis_retry_s: float = 1.0  # while Redis is down, try it again at most this often
+
+    @staticmethod
+    def load(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> CloudSettings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(CloudSettings):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _coerce(f.name, f.type, raw)
+        for key, raw in (args or {}).items():
+            if key == "node_token":
+                raise SettingsError("node_token comes from SPLITCLIP_NODE_TOKEN only, not from the config")
+            names = {f.name: f.type for f in fields(CloudSettings)}
+            if key not in names:
+                raise SettingsError(f"unknown cloud setting {key!r}; known: {', '.join(sorted(names))}")
+            if raw is not None:
+                values[key] = _coerce(key, names[key], raw)
+        settings = replace(CloudSettings(), **values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.max_batch_size < 1:
+            raise SettingsError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.batch_wait_s < 0:
+            raise SettingsError(f"batch_wait_s must be >= 0, got {self.batch_wait_s}")
+        for name in ("max_payload_bytes", "max_prompts", "max_prompt_chars", "max_templates"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.stream_max_inflight < 1:
+            raise SettingsError(f"stream_max_inflight must be >= 1, got {self.stream_max_inflight}")
+
+    def as_args(self) -> dict[str, Any]:
+        """Everything but the token, for passing to deployments (which re-read the token from env)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "node_token"}
+
+
+def _coerce(name: str, typ: Any, raw: Any) -> Any:
+    kind = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        raise SettingsError(f"setting {name}: {raw!r} is not a valid {kind}") from None

@@ -1,0 +1,123 @@
+"""VisionTail deployment: the rest of the image tower (blocks k..L + head) for any cut k, batched.
+
+One replica serves every cut. A @serve.batch call collects decoded frames from all callers (many
+unary calls and the concurrently dispatched frames of bidi streams alike); inside a batch, frames
+are grouped by (cut, tokens) because only tensors with the same shape stack (token pruning sends
+fewer tokens), and each group runs as one ONNX Runtime batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from ray import serve
+
+from cloud_service.metrics import Metrics
+from cloud_service.settings import CloudSettings
+from splitclip.preprocess import normalize
+from splitclip.runtime import BundleRuntime
+
+log = logging.getLogger("splitclip.cloud.tail")
+_NOT_RUN = RuntimeError("frame was not run")
+
+
+class TailCore:
+    """Runs a list of (cut, tensor) frames with as few ORT calls as shapes allow."""
+
+    def __init__(self, bundle: str, threads: int) -> None:
+        self.runtime = BundleRuntime(bundle, threads=threads or None)
+        # Idle ORT workers spin by default: on a small box that steals the CPU the proxy, the
+        # ingress and the batch collector need between batches.
+        self.runtime._opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.runtime.warmup(text=False)
+        self.num_blocks = self.runtime.num_blocks
+
+    def run_group(self, cut: int, stacked: np.ndarray) -> NDArray[np.float32]:
+        """One shape group -> normalised embeddings [batch, embed_dim]."""
+        if cut == 0:  # stacked: uint8 [batch, H, W, 3], the cropped images
+            hidden = self.runtime.embed(normalize(stacked, self.runtime.preprocess_config))
+            return self.runtime.finish(hidden, 0)
+        if cut == self.num_blocks:  # stacked: [batch, embed_dim], already the embedding
+            e = stacked.astype(np.float32, copy=False)
+            return e / np.linalg.norm(e, axis=-1, keepdims=True)
+        return self.runtime.finish(stacked, cut)  # stacked: [batch, tokens, width]
+
+    def run(self, cuts: list[int], arrays: list[np.ndarray]) -> list[NDArray[np.float32] | Exception]:
+        """Per frame its embedding [embed_dim], or the exception that frame alone raised."""
+        groups: dict[tuple[int, tuple[int, ...]], list[int]] = defaultdict(list)
+        for i, (cut, a) in enumerate(zip(cuts, arrays, strict=True)):
+            groups[(cut, a.shape)].append(i)
+        out: list[NDArray[np.float32] | Exception] = [_NOT_RUN] * len(arrays)
+        for (cut, _), idx in groups.items():
+            try:
+                emb = self.run_group(cut, np.stack([arrays[i] for i in idx]))  # [group, embed_dim]
+                for row, i in enumerate(idx):
+                    out[i] = emb[row]
+            except Exception:
+                # One bad frame must not fail its batch-mates: retry the group frame by frame.
+                for i in idx:
+                    try:
+                        out[i] = self.run_group(cut, arrays[i][None])[0]
+                    except Exception as e:
+                        log.warning("tail failed on a frame at cut %d: %s", cut, e)
+                        out[i] = e
+        return out
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=128)
+class VisionTail:
+    def __init__(self, settings: dict[str, Any]) -> None:
+        s = CloudSettings.load(settings)
+        self.metrics = Metrics()
+        self.core = TailCore(s.bundle, s.tail_threads)
+        self._configure(s.max_batch_size, s.batch_wait_s)
+
+    def _configure(self, max_batch_size: int, batch_wait_s: float) -> None:
+        self.embed_batch.set_max_batch_size(max_batch_size)
+        self.embed_batch.set_batch_wait_timeout_s(batch_wait_s)
+        log.info("vision tail: max_batch_size=%d batch_wait_s=%.4f", max_batch_size, batch_wait_s)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """user_config {max_batch_size, batch_wait_s} retunes batching without restarting the replica."""
+        if user_config:
+            self._configure(
+                int(user_config.get("max_batch_size", self.embed_batch._get_max_batch_size())),
+                float(user_config.get("batch_wait_s", self.embed_batch._get_batch_wait_timeout_s())),
+            )
+
+    async def embed(self, cut: int, x: np.ndarray) -> NDArray[np.float32]:
+        """One decoded frame at `cut` -> its normalised image embedding [embed_dim]."""
+        result = await self.embed_batch(cut, x)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def embed_many(
+        self, cuts: list[int], xs: list[np.ndarray]
+    ) -> list[NDArray[np.float32] | Exception]:
+        """Several frames in one call (the ingress groups its frames to save per-call overhead); they
+        join the same batch queue as everything else. Failed frames come back as their exception."""
+        return await asyncio.gather(*(self.embed_batch(c, x) for c, x in zip(cuts, xs, strict=True)))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.004)
+    async def embed_batch(
+        self, cuts: list[int], xs: list[np.ndarray]
+    ) -> list[NDArray[np.float32] | Exception]:
+        self.metrics.batch(len(xs))
+        t0 = time.perf_counter()
+        # ORT releases the GIL: running it in a thread keeps the event loop collecting the next batch.
+        out = await asyncio.to_thread(self.core.run, cuts, xs)
+        self.metrics.stage("tail", (time.perf_counter() - t0) * 1e3)
+        return out
+
+    def stats(self) -> dict[str, object]:
+        return self.metrics.snapshot()
+
+    def reset_stats(self) -> None:
+        self.metrics.reset_local()

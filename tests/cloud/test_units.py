@@ -1,0 +1,184 @@
+"""Cloud pieces without Ray: settings, scoring math, the tail's shape grouping, the Redis store's
+degradation against a real Valkey, the token check, and the deploy manifests (offline schema check)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import yaml
+
+from cloud_service.cache import PromptCache, RedisStore, normalise_prompt, prompt_key, prompt_set_id
+from cloud_service.ingress import token_from_metadata
+from cloud_service.scoring import average_templates, expand_templates, score
+from cloud_service.settings import CloudSettings, SettingsError
+from splitclip.runtime import BundleRuntime, zero_shot_probs
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = ROOT.parent / "shared" / "schemas" / "ray.io_rayservices.yaml"
+K8S = ROOT / "deploy" / "k8s"
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+def test_settings_layering_and_validation():
+    env = {"SPLITCLIP_MAX_BATCH_SIZE": "8", "SPLITCLIP_NODE_TOKEN": "t", "SPLITCLIP_BATCH_WAIT_S": "0.01"}
+    s = CloudSettings.load({"max_batch_size": 4}, env=env)
+    assert (s.max_batch_size, s.batch_wait_s, s.node_token) == (4, 0.01, "t")  # args > env > default
+    assert "node_token" not in s.as_args()
+    with pytest.raises(SettingsError, match="max_batch_size"):
+        CloudSettings.load({"max_batch_size": 0}, env={})
+    with pytest.raises(SettingsError, match="not a valid int"):
+        CloudSettings.load(env={"SPLITCLIP_GRPC_PORT": "ninety"})
+    with pytest.raises(SettingsError, match="unknown cloud setting 'max_batch'"):
+        CloudSettings.load({"max_batch": 3}, env={})
+    with pytest.raises(SettingsError, match="SPLITCLIP_NODE_TOKEN only"):
+        CloudSettings.load({"node_token": "x"}, env={})
+
+
+def test_token_from_metadata():
+    assert token_from_metadata([("x-splitclip-token", "abc")]) == "abc"
+    assert token_from_metadata([("authorization", "Bearer abc ")]) == "abc"
+    assert token_from_metadata([("authorization", "Basic abc")]) is None
+    assert token_from_metadata([]) is None
+
+
+# -- scoring -----------------------------------------------------------------------------------
+
+
+def test_templates_expand_label_major_and_average_renormalises():
+    assert expand_templates(["cat", "dog"], ["a {}", "the {} {x}"]) == [
+        "a cat",
+        "the cat {x}",
+        "a dog",
+        "the dog {x}",
+    ]
+    assert expand_templates(["cat"], []) == ["cat"]
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(6, 5)).astype(np.float32)
+    avg = average_templates(emb, 3)
+    assert avg.shape == (2, 5)
+    np.testing.assert_allclose(np.linalg.norm(avg, axis=1), 1, rtol=1e-6)
+    np.testing.assert_allclose(avg[1], emb[3:].mean(0) / np.linalg.norm(emb[3:].mean(0)), rtol=1e-5)
+
+
+def test_score_matches_zero_shot_probs_and_orders_top_k():
+    rng = np.random.default_rng(1)
+    img, txt = rng.normal(size=8).astype(np.float32), rng.normal(size=(4, 8)).astype(np.float32)
+    probs, top = score(img, txt, 1, 50.0, 2)
+    np.testing.assert_allclose(probs, zero_shot_probs(img[None], txt, 50.0)[0], rtol=1e-6)
+    assert [i for i, _ in top] == list(np.argsort(-probs)[:2]) and len(top) == 2
+
+
+def test_prompt_keys_normalise_whitespace_only():
+    assert normalise_prompt("  a   photo\tof a cat ") == "a photo of a cat"
+    assert prompt_key("b-1", "a  cat") == prompt_key("b-1", "a cat") != prompt_key("b-2", "a cat")
+    assert prompt_key("b-1", "A cat") != prompt_key("b-1", "a cat")  # case may matter to a tokenizer
+    assert prompt_set_id("b-1", ["cat"], []) != prompt_set_id("b-1", ["cat"], ["a {}"])
+
+
+# -- vision tail grouping ----------------------------------------------------------------------
+
+
+def test_tail_groups_by_cut_and_tokens_and_isolates_a_bad_frame(tiny_bundle_dir):
+    from cloud_service.vision_tail import TailCore
+
+    core = TailCore(str(tiny_bundle_dir), threads=1)
+    rt = BundleRuntime(tiny_bundle_dir)
+    rng = np.random.default_rng(2)
+    pixels = rt.preprocess([rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)])
+    h1 = rt.hidden_at(pixels, 1)  # [3, tokens, width]
+    h2 = rt.hidden_at(pixels, 2)
+    want = rt.finish(h1, 1)  # [3, embed_dim]
+    pruned = h1[0, :9]  # fewer tokens: its own group
+    bad = np.zeros((h1.shape[1], h1.shape[2] + 1), np.float32)  # wrong width: ORT refuses it
+    out = core.run([1, 2, 1, 1, 1, 1], [h1[0], h2[1], h1[2], pruned, bad, h1[1]])
+    np.testing.assert_allclose(out[0], want[0], atol=1e-5)
+    np.testing.assert_allclose(out[1], want[1], atol=1e-5)
+    np.testing.assert_allclose(out[2], want[2], atol=1e-5)
+    np.testing.assert_allclose(out[5], want[1], atol=1e-5)
+    assert out[3].shape == want[0].shape
+    assert isinstance(out[4], Exception)
+
+
+# -- Redis degradation (real Valkey) -----------------------------------------------------------
+
+
+def test_redis_store_degrades_and_recovers(redis_server):
+    async def scenario() -> None:
+        errors: list[str] = []
+        store = RedisStore(redis_server.url, timeout_s=0.2, retry_s=0.1, on_error=errors.append)
+        cache = PromptCache(store, "b-test", 4, ttl_s=60)
+        emb = np.arange(8, dtype=np.float32).reshape(2, 4)
+        await cache.put_many(["p one", "p two"], emb)
+        got = await cache.get_many(["p one", "p two", "p three"])
+        np.testing.assert_array_equal(got[0], emb[0])
+        assert got[2] is None and store.available
+
+        redis_server.kill()
+        try:
+            assert await cache.get_many(["p one"]) == [None]
+            assert not store.available and errors
+            n = len(errors)
+            assert await cache.get_many(["p one"]) == [None]  # within retry_s: Redis not even tried
+            assert len(errors) == n
+        finally:
+            redis_server.start()
+        await asyncio.sleep(0.15)
+        await cache.put_many(["p one"], emb[:1])
+        assert store.available
+        np.testing.assert_array_equal((await cache.get_many(["p one"]))[0], emb[0])
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_redis_store_without_url_is_a_no_op():
+    store = RedisStore("")
+    assert not store.configured and asyncio.run(store.call("get", lambda r: r.get("x"))) is None
+
+
+# -- manifests ---------------------------------------------------------------------------------
+
+
+def test_serve_config_is_a_valid_serve_deploy_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(cfg)
+    app = schema.applications[0]
+    assert app.route_prefix == "/" and app.import_path == "cloud_service.app:build"
+    assert schema.grpc_options.grpc_servicer_functions == [
+        "cloud_service.grpc_api.add_SplitClipServicer_to_server"
+    ]
+    CloudSettings.load(app.args, env={})  # every arg is a known setting of the right type
+
+
+def test_rayservice_validates_against_the_crd_and_embeds_the_serve_config():
+    crd = yaml.safe_load(SCHEMA.read_text())
+    v1 = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    manifest = yaml.safe_load((K8S / "rayservice.yaml").read_text())
+    jsonschema.validate(manifest, v1["schema"]["openAPIV3Schema"])
+    assert manifest["kind"] == "RayService" and manifest["apiVersion"] == "ray.io/v1"
+    embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    assert embedded == yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
+
+
+def test_k8s_config_secret_and_redis_reference_each_other():
+    docs = {}
+    for name in ("configmap.yaml", "secret.yaml", "redis.yaml"):
+        for d in yaml.safe_load_all((K8S / name).read_text()):
+            docs[(d["kind"], d["metadata"]["name"])] = d
+    cm = docs[("ConfigMap", "splitclip-cloud-config")]
+    assert cm["data"]["SPLITCLIP_REDIS_URL"].startswith("redis://splitclip-redis:")
+    assert ("Service", "splitclip-redis") in docs and ("Deployment", "splitclip-redis") in docs
+    assert "SPLITCLIP_NODE_TOKEN" in docs[("Secret", "splitclip-node-token")]["stringData"]
+    ray_text = (K8S / "rayservice.yaml").read_text()
+    assert "splitclip-cloud-config" in ray_text and "splitclip-node-token" in ray_text
+    for key in cm["data"]:
+        if key.startswith("SPLITCLIP_"):
+            CloudSettings.load(env={key: cm["data"][key]})
