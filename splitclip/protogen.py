@@ -38,10 +38,14 @@ def generate() -> None:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {PROTO}")
-    # protoc writes `import splitclip_pb2`; make it a package-relative import.
+    # protoc writes `import splitclip_pb2` and names the message module `splitclip_pb2`; use the real
+    # package path, so imports work and Ray can pickle messages between the proxy and the replicas.
     grpc_file = OUT_DIR / "splitclip_pb2_grpc.py"
-    text = grpc_file.read_text()
-    grpc_file.write_text(text.replace("import splitclip_pb2 as", "from . import splitclip_pb2 as"))
+    grpc_file.write_text(
+        grpc_file.read_text().replace("import splitclip_pb2 as", "from . import splitclip_pb2 as")
+    )
+    pb2_file = OUT_DIR / "splitclip_pb2.py"
+    pb2_file.write_text(pb2_file.read_text().replace("'splitclip_pb2'", "'splitclip.wire.splitclip_pb2'"))
     STAMP.write_text(proto_digest() + "\n")
 
 

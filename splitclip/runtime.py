@@ -30,13 +30,20 @@ class PromptLimits:
     max_chars: int = 300
 
 
-def make_session_options(threads: int | None = None) -> ort.SessionOptions:
+def make_session_options(threads: int | None = None, *, spinning: bool | None = None) -> ort.SessionOptions:
+    """`threads`: intra-op threads (default SPLITCLIP_ORT_THREADS, 0 = ORT's choice). `spinning`: let idle
+    worker threads busy-wait (default SPLITCLIP_ORT_SPIN, on); turn it off when ORT shares few cores
+    with other busy processes (a Serve replica beside its proxy), or they lose CPU to the spin."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     n = threads if threads is not None else int(os.environ.get("SPLITCLIP_ORT_THREADS", "0"))
     if n > 0:
         opts.intra_op_num_threads = n
         opts.inter_op_num_threads = 1
+    spin = spinning if spinning is not None else os.environ.get("SPLITCLIP_ORT_SPIN", "1") != "0"
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return opts
 
@@ -70,12 +77,13 @@ class BundleRuntime:
         bundle: Bundle | str | os.PathLike[str],
         *,
         threads: int | None = None,
+        spinning: bool | None = None,
         providers: Sequence[str] | None = None,
         prompt_limits: PromptLimits | None = None,
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(os.fspath(bundle))
         self.manifest = self.bundle.manifest
-        self._opts = make_session_options(threads)
+        self._opts = make_session_options(threads, spinning=spinning)
         self._providers = list(providers) if providers else ["CPUExecutionProvider"]
         self._sessions: dict[str, ort.InferenceSession] = {}
         self.prompt_limits = prompt_limits or PromptLimits()
