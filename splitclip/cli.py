@@ -24,6 +24,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
         "edge_node.cli",
         "classify images on an edge node: split via the cloud, local fallback",
     ),
+    (("edge", "watch"), "edge_node.watch", "classify images dropped into a directory until stopped"),
     (("cloud",), "cloud_service.cli", "start the Ray Serve cloud service (local Ray, embedded Valkey)"),
     (
         ("bench", "codecs"),
