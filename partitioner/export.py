@@ -135,7 +135,10 @@ def partition(
     model, path = load_clip(source)
     vc, tc = model.config.vision_config, model.config.text_config
     out = Path(out)
-    tmp = Path(tempfile.mkdtemp(prefix=".partition-", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: a reader never sees a half-written bundle.
+    tmp = Path(tempfile.mkdtemp(prefix=".partition-", dir=out.parent))
+    tmp.chmod(0o755)
     try:
         eos_id = text_eos_id(model, path / "tokenizer.json")
         stages = _stage_modules(model, eos_id)

@@ -121,3 +121,12 @@ def test_manifest_facts(tiny_bundle_dir: Path) -> None:
     assert m.logit_scale == pytest.approx(np.exp(2.6592), rel=1e-4)
     assert "calibration.npz" in m.files
     assert set(m.stage_files()) <= set(m.files)
+
+
+def test_partition_creates_missing_parent(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    from partitioner.export import partition
+
+    out = tmp_path / "a" / "b" / "bundle"
+    m = partition(tiny_clip_dir, out, calibration_images=0, progress=False)
+    assert load_bundle(out).id == m.bundle_id
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".partition-")]
