@@ -12,6 +12,13 @@ Every payload is self-describing: a fixed 48-byte little-endian header, then a b
         [scales f16|f32 x tokens] if int8/int4: symmetric per-token scale (f32 if FLAG_SCALE32)
         data: tokens x width values, or with FLAG_PCA the CLS row (width values) followed by
               (tokens - 1) x rank PCA coefficients; int4 values are packed two per byte, low nibble first.
+    kind hidden, dtype klt16 (FLAG_KLT, rank = width): transform coding in the FULL per-cut PCA basis:
+        [indices u16 x n_index]   if FLAG_PRUNED
+        step f32                  global quantiser step q (> 0); direction j uses q * calibration.klt_steps[j]
+        CLS row fp16 x width      (raw values, not transformed: the head reads it directly)
+        symbols: (tokens - 1) x width coefficients round(c / step_j), zigzag-mapped to u16, stored
+              coefficient-major (all tokens of direction 0, then direction 1, ...) as two byte planes
+              (all low bytes, then all high bytes) so zstd sees long runs of similar small bytes.
 
 crc32 covers the header (with crc32 = 0) and the stored body. raw_len is the body size before zstd.
 Decoding is strict: any mismatch is a `CodecError` naming the field and the expected value.
@@ -59,7 +66,7 @@ HEADER_SIZE = _HEADER.size  # 48
 KIND_IMAGE, KIND_HIDDEN, KIND_EMBEDDING = 0, 1, 2
 KIND_NAMES = {KIND_IMAGE: "image", KIND_HIDDEN: "hidden", KIND_EMBEDDING: "embedding"}
 
-DT_FP32, DT_FP16, DT_INT8, DT_INT4, DT_JPEG, DT_PNG = 0, 1, 2, 3, 4, 5
+DT_FP32, DT_FP16, DT_INT8, DT_INT4, DT_JPEG, DT_PNG, DT_KLT16 = 0, 1, 2, 3, 4, 5, 6
 DTYPE_NAMES = {
     DT_FP32: "fp32",
     DT_FP16: "fp16",
@@ -67,17 +74,19 @@ DTYPE_NAMES = {
     DT_INT4: "int4",
     DT_JPEG: "jpeg",
     DT_PNG: "png",
+    DT_KLT16: "klt16",
 }
 _DTYPE_CODES = {v: k for k, v in DTYPE_NAMES.items()}
 _KIND_DTYPES = {
     KIND_IMAGE: (DT_JPEG, DT_PNG),
-    KIND_HIDDEN: (DT_FP32, DT_FP16, DT_INT8, DT_INT4),
+    KIND_HIDDEN: (DT_FP32, DT_FP16, DT_INT8, DT_INT4, DT_KLT16),
     KIND_EMBEDDING: (DT_FP32, DT_FP16),
 }
 _QMAX = {DT_INT8: 127, DT_INT4: 7}
 
-FLAG_ZSTD, FLAG_PRUNED, FLAG_PCA, FLAG_SCALE32 = 1, 2, 4, 8
-_ALL_FLAGS = FLAG_ZSTD | FLAG_PRUNED | FLAG_PCA | FLAG_SCALE32
+FLAG_ZSTD, FLAG_PRUNED, FLAG_PCA, FLAG_SCALE32, FLAG_KLT = 1, 2, 4, 8, 16
+_ALL_FLAGS = FLAG_ZSTD | FLAG_PRUNED | FLAG_PCA | FLAG_SCALE32 | FLAG_KLT
+_KLT_SYM_MAX = 32767  # symbols are int16; zigzag code 0xFFFF (-32768) is never produced
 
 _F16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
 _F16_MAX = float(np.finfo(np.float16).max)
@@ -123,11 +132,14 @@ class Preset:
     pca: float = 0.0  # PCA rank as a fraction of width (needs a Calibration); 0 = off
     jpeg_quality: int = 90  # cut 0; a lossless preset sends PNG instead
     zstd_level: int = 3
+    klt: float = 0.0  # > 0: transform coding in the full PCA basis with global step `klt` (needs calibration)
     doc: str = ""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("fp32", "fp16", "int8", "int4"):
             raise CodecError(f"preset {self.name}: dtype {self.dtype!r}, expected fp32/fp16/int8/int4")
+        if self.klt < 0.0 or (self.klt > 0.0 and self.pca > 0.0):
+            raise CodecError(f"preset {self.name}: expected klt >= 0, and not both klt and pca")
         if not (0.0 < self.keep <= 1.0 and 0.0 <= self.pca <= 1.0 and 1 <= self.jpeg_quality <= 100):
             raise CodecError(
                 f"preset {self.name}: expected 0 < keep <= 1, 0 <= pca <= 1, 1 <= jpeg_quality <= 100"
@@ -135,7 +147,7 @@ class Preset:
 
     @property
     def lossless(self) -> bool:
-        return self.dtype == "fp32" and self.keep >= 1.0 and self.pca <= 0.0
+        return self.dtype == "fp32" and self.keep >= 1.0 and self.pca <= 0.0 and self.klt <= 0.0
 
     def rank(self, width: int) -> int:
         return 0 if self.pca <= 0.0 else max(1, min(width, round(self.pca * width)))
@@ -160,6 +172,22 @@ _PRESET_LIST = (
         "pca12-int8-zstd", "int8", zstd=True, pca=0.125, doc="top 12.5% PCA directions, int8 + zstd; ~25x"
     ),
     Preset("pca25-int4-zstd", "int4", zstd=True, pca=0.25, doc="top 25% PCA directions, int4 + zstd; ~25x"),
+    Preset(
+        "klt-q10-zstd",
+        "fp16",
+        zstd=True,
+        klt=0.10,
+        zstd_level=9,
+        doc="all PCA directions, step 0.10 * var^-1/4, CLS fp16, zstd; ~6x",
+    ),
+    Preset(
+        "klt-q20-zstd",
+        "fp16",
+        zstd=True,
+        klt=0.20,
+        zstd_level=9,
+        doc="all PCA directions, step 0.20 * var^-1/4, CLS fp16, zstd; ~8x",
+    ),
 )
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESET_LIST}
 _PRESET_IDS = {p.name: i + 1 for i, p in enumerate(_PRESET_LIST)}
@@ -322,6 +350,8 @@ def _encode_hidden(
         x = x[index]  # [1 + kept, width]
         flags |= FLAG_PRUNED
         parts.append(index.astype("<u2").tobytes())
+    if p.klt > 0.0:
+        return _encode_klt(x, cut, spec, p, pid, calibration, flags, parts, index)
     rank = p.rank(spec.width)
     if rank:
         if calibration is None:
@@ -357,6 +387,55 @@ def _encode_hidden(
     n_index = tokens if index is not None else 0
     n_scales = tokens if dt in _QMAX else 0
     h = Header(KIND_HIDDEN, cut, dt, flags, pid, tokens, spec.width, 0, rank, n_index, n_scales, len(raw), 0)
+    return _frame(h, body)
+
+
+def _klt_tables(
+    cal: Calibration | None, cut: int, width: int, what: str
+) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.float32]]:
+    """(mean [width], full basis [width, width], relative steps [width]) for the klt codec at `cut`."""
+    if cal is None:
+        raise CodecError(f"{what}: klt needs a Calibration (PCA basis for cut {cut}); none was given")
+    mean, basis = _projection(cal, cut, width, width)
+    return mean, basis, cal.klt_steps(cut)
+
+
+def _encode_klt(
+    x: NDArray[np.float32],
+    cut: int,
+    spec: TensorSpec,
+    p: Preset,
+    pid: int,
+    calibration: Calibration | None,
+    flags: int,
+    parts: list[bytes],
+    index: NDArray[np.int64] | None,
+) -> bytes:
+    width, tokens = spec.width, x.shape[0]
+    mean, basis, rel = _klt_tables(calibration, cut, width, f"preset {p.name}")
+    step = np.float32(p.klt) * rel  # [width]
+    with np.errstate(over="ignore", invalid="ignore"):
+        sym = np.rint(((x[1:] - mean) @ basis) / step)  # [tokens - 1, width]
+    if sym.size and not float(np.abs(sym).max()) <= _KLT_SYM_MAX:  # also catches NaN / Inf
+        raise CodecError(
+            f"hidden: KLT coefficient / step up to {float(np.abs(sym).max()):.3g}, "
+            f"expected at most {_KLT_SYM_MAX} (int16 symbols)"
+        )
+    s32 = np.ascontiguousarray(sym.T, dtype=np.int32)  # coefficient-major [width, tokens - 1]
+    zz = ((s32 << 1) ^ (s32 >> 31)).astype(np.uint16)  # zigzag: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ...
+    parts.append(struct.pack("<f", float(p.klt)))
+    parts.append(_float_body(x[0], DT_FP16, "hidden (CLS)"))
+    parts.append((zz & 0xFF).astype(np.uint8).tobytes())
+    parts.append((zz >> 8).astype(np.uint8).tobytes())
+    raw = b"".join(parts)
+    body = raw
+    flags |= FLAG_KLT
+    if p.zstd:
+        packed = zstandard.ZstdCompressor(level=p.zstd_level, write_content_size=True).compress(raw)
+        if len(packed) < len(raw):
+            body, flags = packed, flags | FLAG_ZSTD
+    n_index = tokens if index is not None else 0
+    h = Header(KIND_HIDDEN, cut, DT_KLT16, flags, pid, tokens, width, 0, width, n_index, 0, len(raw), 0)
     return _frame(h, body)
 
 
@@ -487,6 +566,14 @@ def _decode_hidden(
     if h.flags & ~_ALL_FLAGS:
         raise CodecError(f"header.flags: {h.flags:#x} has unknown bits, expected a subset of {_ALL_FLAGS:#x}")
     pruned, pca, zstd = bool(h.flags & FLAG_PRUNED), bool(h.flags & FLAG_PCA), bool(h.flags & FLAG_ZSTD)
+    klt = h.dtype == DT_KLT16
+    if bool(h.flags & FLAG_KLT) != klt:
+        raise CodecError(
+            f"header.flags: klt flag {'set' if h.flags & FLAG_KLT else 'clear'} with dtype "
+            f"{DTYPE_NAMES[h.dtype]}, expected it set exactly for klt16"
+        )
+    if klt and h.flags & (FLAG_PCA | FLAG_SCALE32):
+        raise CodecError(f"header.flags: {h.flags:#x} combines klt with pca/scale32, expected neither")
     quant = h.dtype in _QMAX
     if h.flags & FLAG_SCALE32 and not quant:
         raise CodecError(
@@ -501,6 +588,17 @@ def _decode_hidden(
     else:
         _expect_fields(h, dim0=spec.num_tokens, n_index=0)
     _expect_fields(h, n_scales=tokens if quant else 0)
+    if klt:
+        if tokens < 1:
+            raise CodecError(f"header.dim0 (tokens): {tokens}, expected at least 1 (CLS)")
+        _expect_fields(h, rank=width)
+        raw_len = 2 * h.n_index + 4 + 2 * width + 2 * (tokens - 1) * width
+        _expect_fields(h, raw_len=raw_len)
+        raw = _unzstd(body, raw_len) if zstd else body
+        if len(raw) != raw_len:
+            raise CodecError(f"body: {len(raw)} bytes, expected {raw_len} (header.raw_len)")
+        index = _read_index(raw, tokens, spec) if pruned else None
+        return _decode_klt(raw, 2 * h.n_index, h.cut, tokens, width, calibration), index
     if pca:
         if not 1 <= h.rank <= width:
             raise CodecError(f"header.rank: {h.rank}, expected 1..{width} with the pca flag")
@@ -518,14 +616,8 @@ def _decode_hidden(
     off = 0
     index = None
     if pruned:
-        index = np.frombuffer(raw, "<u2", count=tokens).astype(np.int64)
+        index = _read_index(raw, tokens, spec)
         off += 2 * tokens
-        if index[0] != 0:
-            raise CodecError(f"indices[0]: {index[0]}, expected 0 (CLS always kept first)")
-        if tokens > 1 and not (np.diff(index) > 0).all():
-            raise CodecError("indices: not strictly increasing")
-        if index[-1] >= spec.num_tokens:
-            raise CodecError(f"indices: max {index[-1]}, expected < {spec.num_tokens} (num_tokens)")
     if quant:
         sdt = "<f4" if scale_size == 4 else "<f2"
         scale = np.frombuffer(raw, sdt, count=tokens, offset=off).astype(np.float32)
@@ -557,6 +649,44 @@ def _decode_hidden(
     if not np.isfinite(x).all():
         raise CodecError("hidden: decoded values contain NaN or Inf")
     return np.ascontiguousarray(x, dtype=np.float32), index
+
+
+def _read_index(raw: bytes, tokens: int, spec: TensorSpec) -> NDArray[np.int64]:
+    index = np.frombuffer(raw, "<u2", count=tokens).astype(np.int64)
+    if index[0] != 0:
+        raise CodecError(f"indices[0]: {index[0]}, expected 0 (CLS always kept first)")
+    if tokens > 1 and not (np.diff(index) > 0).all():
+        raise CodecError("indices: not strictly increasing")
+    if index[-1] >= spec.num_tokens:
+        raise CodecError(f"indices: max {index[-1]}, expected < {spec.num_tokens} (num_tokens)")
+    return index
+
+
+def _decode_klt(
+    raw: bytes, off: int, cut: int, tokens: int, width: int, calibration: Calibration | None
+) -> NDArray[np.float32]:
+    (q,) = struct.unpack_from("<f", raw, off)
+    if not (np.isfinite(q) and q > 0.0):
+        raise CodecError(f"klt step: {q}, expected a finite value > 0")
+    off += 4
+    cls = _read_floats(raw, DT_FP16, off, width, "hidden (CLS)")
+    off += 2 * width
+    n = (tokens - 1) * width
+    lo = np.frombuffer(raw, np.uint8, count=n, offset=off).astype(np.uint16)
+    hi = np.frombuffer(raw, np.uint8, count=n, offset=off + n).astype(np.uint16)
+    zz = lo | (hi << 8)
+    if (zz == 0xFFFF).any():
+        raise CodecError("klt symbols: zigzag code 65535 (-32768) found, expected -32767..32767")
+    z32 = zz.astype(np.int32)
+    sym = ((z32 >> 1) ^ -(z32 & 1)).reshape(width, tokens - 1)  # [width, tokens - 1]
+    mean, basis, rel = _klt_tables(calibration, cut, width, "header.dtype: klt16")
+    coeffs = sym.T.astype(np.float32) * (np.float32(q) * rel)  # [tokens - 1, width]
+    x = np.empty((tokens, width), np.float32)
+    x[0] = cls
+    x[1:] = coeffs @ basis.T + mean
+    if not np.isfinite(x).all():
+        raise CodecError("hidden: decoded values contain NaN or Inf")
+    return x
 
 
 def _read_ints(raw: bytes, dt: int, off: int, n: int) -> NDArray[np.int8]:

@@ -95,7 +95,7 @@ def assert_quant_bound(got: np.ndarray, ref: np.ndarray, qmax: int) -> None:
 # ------------------------------------------------------------------------------------- hidden
 
 
-@pytest.mark.parametrize("name", [n for n, p in PRESETS.items() if p.pca == 0])
+@pytest.mark.parametrize("name", [n for n, p in PRESETS.items() if p.pca == 0 and p.klt == 0])
 @given(data=st.data())
 @FAST
 def test_hidden_roundtrip(name: str, data: st.DataObject) -> None:
@@ -142,6 +142,82 @@ def test_pca_roundtrip(name: str, x: np.ndarray, cut: int) -> None:
     # orthonormal basis: per-element error <= ||coeff error||_2 <= sqrt(r) * scale / 2
     bound = np.sqrt(r) * np.abs(coeffs).max(axis=1, keepdims=True) / QMAX[p.dtype] / 2
     assert (np.abs(d.array[1:] - ref) <= bound * 1.01 + 1e-3 * (1 + np.abs(ref))).all()
+
+
+KLT_PRESETS = [
+    *(p for p in PRESETS.values() if p.klt > 0),
+    Preset("x-klt-prune50", "fp16", zstd=True, keep=0.5, klt=0.3),
+    Preset("x-klt-raw", "fp16", klt=0.5),
+]
+
+
+@pytest.mark.parametrize("preset", KLT_PRESETS, ids=lambda p: p.name)
+@given(x=hidden_arrays(finite32(-100, 100), 100), cut=st.sampled_from(HIDDEN_CUTS))
+@FAST
+def test_klt_roundtrip(preset: Preset, x: np.ndarray, cut: int) -> None:
+    payload = encode(x, cut=cut, spec=SPEC, preset=preset, calibration=CAL)
+    h = read_header(payload)
+    assert h.rank == SPEC.width and h.n_scales == 0
+    d = decode(payload, cut=cut, spec=SPEC, calibration=CAL)
+    ref = x if d.token_index is None else x[d.token_index]
+    assert d.array.shape == ref.shape and d.array.dtype == np.float32 and d.array.flags.c_contiguous
+    np.testing.assert_array_equal(d.array[0], x[0].astype(np.float16).astype(np.float32))  # CLS: fp16
+    # orthonormal basis: per-element error <= ||coefficient error||_2 <= ||steps||_2 / 2
+    step = preset.klt * CAL.klt_steps(cut).astype(np.float64)
+    bound = np.linalg.norm(step) / 2
+    assert (np.abs(d.array[1:] - ref[1:]) <= bound * 1.01 + 1e-4 * (1 + np.abs(ref[1:]))).all()
+
+
+def test_klt_needs_calibration_with_variances() -> None:
+    x = np.zeros((SPEC.num_tokens, SPEC.width), np.float32)
+    with pytest.raises(CodecError, match="klt needs a Calibration"):
+        encode(x, cut=2, spec=SPEC, preset="klt-q10-zstd")
+    good = encode(x, cut=2, spec=SPEC, preset="klt-q10-zstd", calibration=CAL)
+    with pytest.raises(CodecError, match="header.dtype: klt16: klt needs a Calibration"):
+        decode(good, cut=2, spec=SPEC)
+    novar = Calibration(CAL.means, CAL.bases)
+    with pytest.raises(CalibrationError, match="no variances"):
+        decode(good, cut=2, spec=SPEC, calibration=novar)
+    with pytest.raises(CodecError, match="int16 symbols"):
+        encode(np.full_like(x, 1e6), cut=2, spec=SPEC, preset="klt-q10-zstd", calibration=CAL)
+    with pytest.raises(CodecError, match="not both klt and pca"):
+        Preset("bad", "fp16", klt=0.1, pca=0.5)
+
+
+def test_klt_fields_are_validated() -> None:
+    x = np.random.default_rng(3).normal(size=(SPEC.num_tokens, SPEC.width)).astype(np.float32)
+    good = encode(x, cut=2, spec=SPEC, preset="klt-q20-zstd", calibration=CAL)
+    h = read_header(good)
+    assert h.flags & FLAG_ZSTD
+
+    def dec(payload: bytes) -> None:
+        decode(payload, cut=2, spec=SPEC, calibration=CAL)
+
+    raw = _raw_body(good)
+    for off, val, match in [
+        (0, np.array([0.0], "<f4").tobytes(), "klt step: 0.0"),
+        (0, np.array([np.nan], "<f4").tobytes(), "klt step: nan"),
+        (4, np.array([np.inf], "<f2").tobytes(), "CLS.*NaN or Inf"),
+        (4 + 2 * SPEC.width, b"\xff", None),
+    ]:
+        b = bytearray(raw)
+        b[off : off + len(val)] = val
+        if match is None:  # a zigzag 0xFFFF symbol: set the matching high byte too
+            n = (SPEC.num_tokens - 1) * SPEC.width
+            b[4 + 2 * SPEC.width + n] = 0xFF
+            match = "zigzag code 65535"
+        with pytest.raises(CodecError, match=match):
+            dec(forge(good, body=_rezstd(bytes(b))))
+    with pytest.raises(CodecError, match="header.rank"):
+        dec(forge(good, rank=3))
+    with pytest.raises(CodecError, match="header.raw_len"):
+        dec(forge(good, raw_len=h.raw_len + 2))
+    with pytest.raises(CodecError, match="klt flag clear"):
+        dec(forge(good, flags=h.flags & ~16))
+    with pytest.raises(CodecError, match="klt flag set"):
+        dec(forge(good, dtype=2))
+    with pytest.raises(CodecError, match="combines klt"):
+        dec(forge(good, flags=h.flags | 4))
 
 
 @pytest.mark.parametrize(
@@ -247,6 +323,7 @@ def test_sizes_shrink_as_expected() -> None:
     assert size["int4-zstd"] < size["int8-zstd"] <= size["int8"]
     assert size["int4-prune50-zstd"] < size["int4-zstd"]
     assert size["pca12-int8-zstd"] < size["pca25-int8-zstd"] < size["int8-zstd"]
+    assert size["klt-q20-zstd"] < size["klt-q10-zstd"]
 
 
 # ------------------------------------------------------------------------------- strict validation

@@ -49,6 +49,8 @@ COMBOS = [
     Preset("x-int4-prune30-pca50", "int4", zstd=True, keep=0.3, pca=0.5),
     Preset("x-fp16-pca25", "fp16", pca=0.25),
     Preset("x-fp32-prune70", "fp32", keep=0.7, zstd=True),
+    Preset("x-klt-prune50", "fp16", zstd=True, keep=0.5, klt=0.3),
+    Preset("x-klt-raw", "fp16", klt=0.5),
 ]
 HEADER_FIELDS = [f.name for f in fields(Header)]
 FIELD_BITS = {"kind": 8, "dtype": 8, "flags": 8, "preset_id": 8, "cut": 16}
