@@ -18,7 +18,7 @@ from cloud_service.ingress import Ingress
 from cloud_service.scoring import Scorer
 from cloud_service.settings import CloudSettings, SettingsError
 from cloud_service.text_encoder import TextEncoder
-from cloud_service.vision_tail import VisionTail
+from cloud_service.vision_tail import MAX_CONCURRENT_BATCHES, VisionTail
 
 APP_NAME = "splitclip"
 
@@ -28,6 +28,8 @@ def build(args: dict[str, Any] | None = None) -> Application:
     if not settings.bundle:
         raise SettingsError("no bundle: set args.bundle in the Serve config or SPLITCLIP_BUNDLE")
     a = settings.as_args()
-    # @serve.batch only fills batches if the replica admits max_batch_size requests at once.
-    tail = VisionTail.options(max_ongoing_requests=max(64, 4 * settings.max_batch_size)).bind(a)
+    # @serve.batch only fills batches if the replica admits max_batch_size x max_concurrent_batches
+    # requests at once (a per-deployment value in the Serve config overrides this).
+    ongoing = max(64, settings.max_batch_size * MAX_CONCURRENT_BATCHES)
+    tail = VisionTail.options(max_ongoing_requests=ongoing).bind(a)
     return Ingress.bind(tail, TextEncoder.bind(a), Scorer.bind(a), a)

@@ -1,11 +1,16 @@
 """`splitclip bench cloud`: whole-path throughput vs the raw ONNX Runtime tail, on the same cores.
 
-1. raw: TailCore (the VisionTail's own code) runs blocks k..L + head on batches of max_batch_size,
-   in this process, before Ray starts: the ceiling the service can reach.
+1. raw: TailCore (the VisionTail's own code, same ORT threads and spinning as the replica) runs
+   blocks k..L + head on batches of max_batch_size and of 1, in this process, before Ray starts:
+   the ceiling the service can reach. ORT at its own defaults (threads, spinning) is shown beside it.
 2. whole path: a local Ray + Serve with deploy/serve_config.yaml and an embedded Valkey; N clients
    (asyncio gRPC, one call in flight each) send pre-encoded frames at cut k as unary Classify calls,
-   through Serve's gRPC proxy, the ingress, the tail, the scorer and back.
-3. the same at the highest client count with max_batch_size=1, to show what batching buys.
+   through Serve's gRPC proxy, the ingress, the tail, the scorer and back. Optionally one bidi stream
+   with N frames in flight.
+3. the same at the highest client count with max_batch_size=1 (no grouping anywhere), to show what
+   batching buys.
+Every point: warm-up, then `--repeat` windows of `--duration` s; the median is reported. CPU seconds
+per process (from /proc) during the windows give where the CPU goes per frame.
 """
 
 from __future__ import annotations
@@ -14,8 +19,12 @@ import argparse
 import asyncio
 import logging
 import os
+import statistics
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,74 +38,187 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cut", type=int, default=1, help="cut k the frames are sent at (default 1)")
     p.add_argument("--codec", default="lossless", help="codec preset of the frames (default lossless)")
     p.add_argument("--clients", default="1,8,32", help="concurrent client counts (default 1,8,32)")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds measured per point (default 10)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per measured window (default 10)")
+    p.add_argument("--repeat", type=int, default=3, help="windows per point; the median is reported (3)")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up per point (default 3)")
-    p.add_argument("--max-batch-size", type=int, default=32, help="tail batch size (default 32)")
-    p.add_argument("--batch-wait-s", type=float, default=0.004, help="tail batch wait (default 0.004)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="tail batch size (default: config)")
+    p.add_argument("--batch-wait-s", type=float, default=None, help="tail batch wait (default: config)")
     p.add_argument(
-        "--threads", type=int, default=0, help="ORT threads of the tail, raw and served (0: ORT default)"
+        "--threads", type=int, default=None, help="ORT threads of the tail, raw and served (default: config)"
     )
+    p.add_argument("--config", default=None, help="Serve config (default: deploy/serve_config.yaml)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     p.add_argument("--no-unbatched", action="store_true", help="skip the max_batch_size=1 comparison")
-    p.add_argument("--out", default=None, help="also write the markdown table to this file")
+    p.add_argument("--no-stream", action="store_true", help="skip the one-bidi-stream row")
+    p.add_argument("--out", default=None, help="also write the markdown report to this file")
 
 
-def raw_tail(bundle: str, cut: int, frames: list[Any], batch: int, threads: int, duration: float) -> float:
+# -- CPU accounting ------------------------------------------------------------------------------
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _role(pid: int, cmd: str) -> str:
+    if pid == os.getpid():
+        return "client (bench driver)"
+    if "ServeReplica:" in cmd:
+        return cmd.split("ServeReplica:", 1)[1].split()[0].split(":")[-1].split(".")[0]
+    if "ProxyActor" in cmd:
+        return "proxy"
+    if "ServeController" in cmd:
+        return "controller"
+    if "/ray/" in cmd or cmd.startswith("ray::"):
+        return "ray (raylet, gcs, agents)"
+    if "valkey" in cmd or "redis" in cmd:
+        return "valkey"
+    return "other processes"
+
+
+def cpu_snapshot() -> dict[int, tuple[str, float]]:
+    """pid -> (role, CPU seconds so far) for every process on the machine (Linux /proc)."""
+    out: dict[int, tuple[str, float]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{d}/stat") as f:
+                st = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(d)] = (_role(int(d), cmd), (int(st[11]) + int(st[12])) / _TICK)
+    return out
+
+
+def cpu_delta(a: dict[int, tuple[str, float]], b: dict[int, tuple[str, float]]) -> Counter[str]:
+    """CPU seconds per role between two snapshots (processes alive in both)."""
+    out: Counter[str] = Counter()
+    for pid, (role, t) in b.items():
+        if pid in a:
+            out[role] += t - a[pid][1]
+    return out
+
+
+# -- measurements --------------------------------------------------------------------------------
+@dataclass
+class Point:
+    name: str
+    runs: list[float] = field(default_factory=list)  # images/s per window
+    cpu: Counter[str] = field(default_factory=Counter)  # CPU seconds per role over all windows
+    seconds: float = 0.0  # wall seconds of all windows
+    frames: int = 0  # frames answered in all windows
+    latency_ms: list[float] = field(default_factory=list)  # end-to-end, client side
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs) if self.runs else 0.0
+
+    def spread(self) -> str:
+        return f"{min(self.runs):.1f}–{max(self.runs):.1f}" if len(self.runs) > 1 else ""
+
+
+def raw_tail(
+    bundle: str, cut: int, frames: list[Any], batch: int, threads: int | None, spinning: bool | None,
+    duration: float, repeat: int,
+) -> Point:  # fmt: skip
     """Images/s of TailCore alone on batches of `batch` decoded frames."""
     import numpy as np
 
     from cloud_service.vision_tail import TailCore
 
-    core = TailCore(bundle, threads)
+    core = TailCore(bundle, threads or 0, spinning=spinning)
     stacked = np.stack([frames[i % len(frames)] for i in range(batch)])  # [batch, ...]
     core.run_group(cut, stacked)  # warm-up
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < duration:
-        core.run_group(cut, stacked)
-        n += batch
-    return n / (time.perf_counter() - t0)
+    p = Point(f"raw batch {batch}")
+    for _ in range(repeat):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < duration:
+            core.run_group(cut, stacked)
+            n += batch
+        p.runs.append(n / (time.perf_counter() - t0))
+    return p
 
 
-async def drive(address: str, frames: list[Any], clients: int, warmup: float, duration: float) -> float:
-    """Images/s answered with `clients` concurrent callers, each with one unary call in flight."""
+async def drive(
+    address: str, frames: list[Any], clients: int, warmup: float, duration: float, repeat: int,
+    name: str, stream: bool = False,
+) -> Point:  # fmt: skip
+    """`clients` concurrent unary callers with one call in flight each (or, with `stream`, one bidi
+    stream keeping `clients` frames in flight); `repeat` windows of `duration` s after `warmup`."""
     import grpc
 
     from cloud_service.client import CHANNEL_OPTIONS
     from cloud_service.grpc_api import pb_grpc
 
+    p = Point(name)
+    done = 0
+    counting = False
+    stop = asyncio.Event()
+
+    def finished(t_start: float) -> None:
+        nonlocal done
+        if counting:
+            done += 1
+            p.latency_ms.append((time.perf_counter() - t_start) * 1e3)
+
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.SplitClipStub(channel)
-        counting = False
-        done = 0
-        stop = asyncio.Event()
 
         async def client(i: int) -> None:
-            nonlocal done
             k = i
             while not stop.is_set():
+                t = time.perf_counter()
                 await stub.Classify(frames[k % len(frames)], timeout=120)
+                finished(t)
                 k += clients
-                if counting:
-                    done += 1
 
-        tasks = [asyncio.create_task(client(i)) for i in range(clients)]
+        async def one_stream() -> None:
+            slots = asyncio.Semaphore(clients)
+            sent: dict[int, float] = {}
+
+            async def requests() -> Any:
+                k = 0
+                while not stop.is_set():
+                    await slots.acquire()
+                    f = type(frames[0])()
+                    f.CopyFrom(frames[k % len(frames)])
+                    f.frame_id = k
+                    sent[k] = time.perf_counter()
+                    k += 1
+                    yield f
+
+            async for r in stub.ClassifyStream(requests(), timeout=3600):
+                finished(sent.pop(r.frame_id))
+                slots.release()
+
+        tasks = [asyncio.create_task(one_stream())] if stream else [
+            asyncio.create_task(client(i)) for i in range(clients)
+        ]  # fmt: skip
         await asyncio.sleep(warmup)
-        counting, t0 = True, time.perf_counter()
-        await asyncio.sleep(duration)
-        counting, n, elapsed = False, done, time.perf_counter() - t0
+        for _ in range(repeat):
+            done, counting = 0, True
+            a, t0 = cpu_snapshot(), time.perf_counter()
+            await asyncio.sleep(duration)
+            counting, n, elapsed = False, done, time.perf_counter() - t0
+            p.cpu += cpu_delta(a, cpu_snapshot())
+            p.runs.append(n / elapsed)
+            p.seconds += elapsed
+            p.frames += n
         stop.set()
-        await asyncio.gather(*tasks)
-    return n / elapsed
+        if stream:
+            tasks[0].cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return p
 
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
-    import ray
     from ray import serve
 
     from cloud_service import launch
     from cloud_service.client import FrameMaker
     from cloud_service.embedded_redis import EmbeddedRedis
+    from cloud_service.settings import CloudSettings
     from splitclip import codec
     from splitclip.runtime import BundleRuntime
 
@@ -106,6 +228,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     bundle = str(Path(args.bundle).resolve())
     counts = [int(c) for c in args.clients.split(",")]
+    base = launch.load_config(args.config)
+    app_args = base["applications"][0].get("args", {})
+    s = CloudSettings.load({**app_args, "bundle": bundle})
+    mbs = args.max_batch_size or s.max_batch_size
+    wait = args.batch_wait_s if args.batch_wait_s is not None else s.batch_wait_s
+    threads = args.threads if args.threads is not None else s.tail_threads
+
     rt = BundleRuntime(bundle, threads=1)
     maker = FrameMaker(rt)
     if not 0 <= args.cut < rt.num_blocks:
@@ -122,119 +251,164 @@ def run(args: argparse.Namespace) -> int:
         for f in frames
     ]
     m = rt.manifest
-    print(
-        f"bench cloud: bundle {m.bundle_id} ({m.model_name}, {m.num_blocks} blocks, width {m.vision.width}, "
-        f"{m.vision.num_tokens} tokens), cut {args.cut}, codec {args.codec} "
-        f"({len(frames[0].payload)} B/frame), {os.cpu_count()} CPUs",
-        flush=True,
+    setup = (
+        f"bundle `{m.bundle_id}` ({m.model_name}: {m.num_blocks} blocks, width {m.vision.width}, "
+        f"{m.vision.num_tokens} tokens), cut {args.cut}, codec `{args.codec}` "
+        f"({len(frames[0].payload)} B/frame), max_batch_size {mbs}, batch_wait_s {wait}, "
+        f"tail ORT threads {threads or 'default'} (spinning off), {os.cpu_count()} CPUs, "
+        f"{args.repeat} x {args.duration:.0f} s windows per point (median)"
     )
-    raw = raw_tail(bundle, args.cut, decoded, args.max_batch_size, args.threads, args.duration)
-    raw1 = raw_tail(bundle, args.cut, decoded, 1, args.threads, args.duration / 2)
-    print(
-        f"raw ORT tail: {raw:.1f} images/s at batch {args.max_batch_size}, {raw1:.1f} at batch 1", flush=True
-    )
+    print(f"bench cloud: {setup}", flush=True)
+    raw_d = max(2.0, args.duration / 2)
+
+    def raw(batch: int, th: int | None, spin: bool | None, label: str) -> Point:
+        p = raw_tail(bundle, args.cut, decoded, batch, th, spin, raw_d, args.repeat)
+        p.name = label
+        print(f"{label}: {p.median:.1f} images/s ({p.spread()})", flush=True)
+        return p
+
+    raw_rows = [
+        raw(mbs, threads, False, f"raw ORT tail, batch {mbs}, tail settings"),
+        raw(1, threads, False, "raw ORT tail, batch 1, tail settings"),
+        raw(mbs, None, None, f"raw ORT tail, batch {mbs}, ORT defaults"),
+    ]
+    ref = raw_rows[0].median
 
     redis = EmbeddedRedis().start()
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    rows: list[tuple[str, float]] = []
+    launch.init_ray(args.num_cpus, log_to_driver=False)
+    rows: list[Point] = []
+    hist: dict[int, int] = {}
+    groups: dict[int, int] = {}
     try:
-        base = launch.load_config()
         port = base["grpc_options"]["port"]
+        address = f"127.0.0.1:{port}"
 
         def deploy(max_batch_size: int) -> None:
-            cfg = launch.with_overrides(
-                base,
-                args={
-                    "bundle": bundle,
-                    "redis_url": redis.url,
-                    "max_batch_size": max_batch_size,
-                    "batch_wait_s": args.batch_wait_s,
-                    "tail_threads": args.threads,
-                },
-            )
-            launch.deploy(cfg)
+            overrides = {"bundle": bundle, "redis_url": redis.url, "max_batch_size": max_batch_size,
+                         "batch_wait_s": wait, "tail_threads": threads}  # fmt: skip
+            launch.deploy(launch.with_overrides(base, args=overrides))
 
-        deploy(args.max_batch_size)
-        address = f"127.0.0.1:{port}"
+        def point(c: int, name: str, stream: bool = False) -> Point:
+            p = asyncio.run(drive(address, frames, c, args.warmup, args.duration, args.repeat, name, stream))
+            print(f"{name}: {p.median:8.1f} images/s ({p.spread()}, {p.median / ref:.0%} of raw)", flush=True)
+            return p
+
+        deploy(mbs)
         tail = serve.get_deployment_handle("VisionTail", "splitclip")
-        hist: dict[int, int] = {}
+        ingress = serve.get_deployment_handle("Ingress", "splitclip")
         for c in counts:
             tail.reset_stats.remote().result()
-            ips = asyncio.run(drive(address, frames, c, args.warmup, args.duration))
+            ingress.reset_stats.remote().result()
+            rows.append(point(c, f"whole path, {c} clients"))
             hist = tail.stats.remote().result()["batch_sizes"]
-            rows.append((f"whole path, {c} clients", ips))
-            print(f"whole path, {c:>3} clients: {ips:8.1f} images/s  ({ips / raw:.0%} of raw)", flush=True)
-        unbatched = None
+            groups = ingress.stats.remote().result()["batch_sizes"]
+        if not args.no_stream:
+            rows.append(point(counts[-1], f"whole path, 1 bidi stream, {counts[-1]} frames in flight", True))
         if not args.no_unbatched:
             serve.delete("splitclip")  # a fresh deploy, so no old replica answers during the measurement
             deploy(1)
-            unbatched = asyncio.run(drive(address, frames, counts[-1], args.warmup, args.duration))
-            print(
-                f"whole path, {counts[-1]:>3} clients, max_batch_size=1: {unbatched:8.1f} images/s",
-                flush=True,
-            )
+            rows.append(point(counts[-1], f"whole path, {counts[-1]} clients, max_batch_size=1"))
     finally:
         serve.shutdown()
+        import ray
+
         ray.shutdown()
         redis.stop()
 
-    table = report(args, m, len(frames[0].payload), raw, raw1, rows, hist, unbatched, counts[-1])
-    print("\n" + table)
+    text = report(args, setup, raw_rows, rows, hist, groups, counts[-1], mbs)
+    print("\n" + text)
     if args.out:
-        Path(args.out).write_text(table)
+        Path(args.out).write_text(text)
         print(f"wrote {args.out}")
     return 0
 
 
+_ROLE_ORDER = ["proxy", "Ingress", "VisionTail", "Scorer", "TextEncoder", "controller",
+               "ray (raylet, gcs, agents)", "valkey", "client (bench driver)", "other processes"]  # fmt: skip
+
+
 def report(
     args: argparse.Namespace,
-    m: Any,
-    payload_bytes: int,
-    raw: float,
-    raw1: float,
-    rows: list[tuple[str, float]],
+    setup: str,
+    raw_rows: list[Point],
+    rows: list[Point],
     hist: dict[int, int],
-    unbatched: float | None,
-    top_clients: int,
+    groups: dict[int, int],
+    top: int,
+    mbs: int,
 ) -> str:
+    ref = raw_rows[0].median
+    cmd = " ".join(sys.argv[1:])
     lines = [
-        "# Cloud benchmark (`splitclip bench cloud`)",
-        "",
-        f"Command: `splitclip bench cloud {' '.join(sys.argv[1:])}`" if sys.argv[1:] else "",
-        "",
-        f"Bundle `{m.bundle_id}` ({m.model_name}: {m.num_blocks} blocks, width {m.vision.width}, "
-        f"{m.vision.num_tokens} tokens), cut {args.cut}, codec `{args.codec}` ({payload_bytes} B/frame), "
-        f"max_batch_size {args.max_batch_size}, batch_wait_s {args.batch_wait_s}, ORT threads "
-        f"{args.threads or 'default'}, {os.cpu_count()} CPUs, {args.duration:.0f} s per point.",
-        "",
-        "| path | images/s | vs raw ORT tail |",
-        "|---|---:|---:|",
-        f"| raw ORT tail, batch {args.max_batch_size} | {raw:.1f} | 100% |",
-        f"| raw ORT tail, batch 1 | {raw1:.1f} | {raw1 / raw:.0%} |",
+        "| path | images/s (median) | range | vs raw ORT tail | p50 latency ms |",
+        "|---|---:|---:|---:|---:|",
     ]
-    lines += [f"| {name} | {ips:.1f} | {ips / raw:.0%} |" for name, ips in rows]
-    if unbatched is not None:
-        lines.append(
-            f"| whole path, {top_clients} clients, max_batch_size=1 | {unbatched:.1f} | {unbatched / raw:.0%} |"
-        )
+    for p in raw_rows:
+        lines.append(f"| {p.name} | {p.median:.1f} | {p.spread()} | {p.median / ref:.0%} | |")
+    for p in rows:
+        lat = statistics.median(p.latency_ms) if p.latency_ms else 0.0
+        lines.append(f"| {p.name} | {p.median:.1f} | {p.spread()} | {p.median / ref:.0%} | {lat:.0f} |")
+    by = {p.name: p for p in rows}
+    main = by.get(f"whole path, {top} clients")
+    unb = by.get(f"whole path, {top} clients, max_batch_size=1")
     lines.append("")
-    if rows:
-        lines.append(f"Whole path at {top_clients} clients / raw ORT tail: **{rows[-1][1] / raw:.2f}**")
-    if unbatched:
-        lines.append(f"Batching speed-up at {top_clients} clients: **{rows[-1][1] / unbatched:.2f}x**")
-    total = sum(hist.values()) or 1
+    if main:
+        lines.append(
+            f"Whole path at {top} clients / raw ORT tail (same threads): **{main.median / ref:.2f}**"
+        )
+        best = max(p.median for p in raw_rows)
+        lines.append(f"Whole path at {top} clients / best raw ORT tail row: **{main.median / best:.2f}**")
+    if main and unb and unb.median:
+        lines.append(
+            f"Batching speed-up at {top} clients (vs max_batch_size=1): **{main.median / unb.median:.2f}x**"
+        )
+
+    def histogram(title: str, h: dict[int, int]) -> list[str]:
+        total = sum(h.values()) or 1
+        frames = sum(int(k) * v for k, v in h.items()) or 1
+        out = ["", title, "", "| size | calls | share of calls | share of frames |", "|---:|---:|---:|---:|"]
+        return out + [
+            f"| {k} | {v} | {v / total:.0%} | {int(k) * v / frames:.0%} |"
+            for k, v in sorted(h.items(), key=lambda kv: int(kv[0]))
+        ]
+
+    lines += histogram(f"ORT batch sizes in the VisionTail at {top} clients (all windows):", hist)
+    lines += histogram(f"Frames per Ingress → VisionTail call at {top} clients:", groups)
+
+    lines += ["", "CPU per answered frame (ms of CPU time, from /proc, over the measured windows):", ""]
+    shown = [p for p in rows if p.frames]
+    lines.append("| process | " + " | ".join(p.name.replace("whole path, ", "") for p in shown) + " |")
+    lines.append("|---|" + "---:|" * len(shown))
+    roles = [r for r in _ROLE_ORDER if any(p.cpu.get(r, 0) > 0 for p in shown)]
+    for r in [*roles, "total"]:
+
+        def ms(p: Point, r: str = r) -> float:
+            v = sum(p.cpu.values()) if r == "total" else p.cpu.get(r, 0.0)
+            return 1e3 * v / p.frames
+
+        lines.append(f"| {r} | " + " | ".join(f"{ms(p):.1f}" for p in shown) + " |")
+    busy = max((p.cpu.get("other processes", 0.0) / p.seconds for p in shown if p.seconds), default=0.0)
     lines += [
         "",
-        f"Tail batch sizes at {top_clients} clients (batches):",
-        "",
-        "| batch size | batches | share |",
-        "|---:|---:|---:|",
+        f"Other processes used up to {busy:.2f} CPUs during the windows"
+        + (" — **a busy machine: numbers are low**." if busy > 0.15 else " (an otherwise idle machine)."),
     ]
-    lines += [f"| {size} | {n} | {n / total:.0%} |" for size, n in sorted(hist.items())]
-    return "\n".join(lines) + "\n"
+    head = [
+        "## Result",
+        "",
+        f"Command: `splitclip bench cloud {cmd}`" if cmd else "Command: `splitclip bench cloud`",
+        "",
+        setup[0].upper() + setup[1:] + ".",
+        "",
+    ]
+    return "\n".join(head + lines) + "\n"
+
+
+def _cli(argv: list[str] | None = None, runner: Callable[[argparse.Namespace], int] = run) -> int:
+    p = argparse.ArgumentParser(prog="splitclip bench cloud")
+    build_parser(p)
+    return runner(p.parse_args(argv))
 
 
 if __name__ == "__main__":
-    _p = argparse.ArgumentParser(prog="splitclip bench cloud")
-    build_parser(_p)
-    raise SystemExit(run(_p.parse_args()))
+    raise SystemExit(_cli())

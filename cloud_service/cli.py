@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     port = cfg["grpc_options"]["port"]
     try:
         print(f"splitclip cloud: starting Ray and Serve for bundle {bundle.id} ...", flush=True)
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+        launch.init_ray(args.num_cpus)
         launch.deploy(cfg)
         print(
             f"splitclip cloud: gRPC on 127.0.0.1:{port} (service splitclip.v1.SplitClip, "

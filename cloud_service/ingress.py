@@ -3,7 +3,8 @@
 Serve's gRPC proxy calls the method whose name equals the RPC name (protos/splitclip.proto).
 Refusals become gRPC statuses (unary) or `Result.error` (stream); see cloud_service.errors.
 
-Per frame: check → decode → [VisionTail.embed ‖ prompt embeddings] → Scorer.score → Result.
+Per frame: check → decode → [VisionTail.embed_many ‖ prompt embeddings] → Scorer.score_many → Result,
+where the two calls carry every frame in flight that is at that step (see cloud_service.batching).
 Prompt embeddings come from a local memo keyed by the content-addressed prompt_set_id (immutable,
 so always correct), else from the TextEncoder deployment (Redis cache, then text.onnx).
 """
@@ -26,6 +27,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cloud_service import errors
+from cloud_service.batching import Coalescer
 from cloud_service.cache import NodeRegistry, PromptSets, RedisStore, normalise_prompt, prompt_set_id
 from cloud_service.grpc_api import pb
 from cloud_service.metrics import Metrics
@@ -103,8 +105,8 @@ class Ingress:
         self.store = store
         self.prompt_sets = PromptSets(store, self.bundle_id, self.s.cache_ttl_s)
         self.registry = NodeRegistry(store, 3 * self.s.heartbeat_interval_s)
-        self._tail_batch.set_max_batch_size(self.s.max_batch_size)
-        self._tail_batch.set_batch_wait_timeout_s(min(self.s.batch_wait_s, 0.002))
+        self.tail_calls = Coalescer(self._tail_group, self.s.max_batch_size, self.s.ingress_calls_inflight)
+        self.score_calls = Coalescer(self._score_group, self.s.max_batch_size, self.s.ingress_calls_inflight)
         self.inflight = 0  # frames being answered now
         self.memo: OrderedDict[str, tuple[Prompts, NDArray[np.float32]]] = OrderedDict()
         log.info(
@@ -200,28 +202,24 @@ class Ingress:
         while len(self.memo) > _MEMO_SIZE:
             self.memo.popitem(last=False)
 
-    # -- micro-batches to the tail and the scorer ----------------------------------------------
-    # Every Serve call costs milliseconds of CPU in the router, the replica and pickling; grouping
-    # the frames in flight here makes that one call per group instead of one per frame.
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _tail_batch(
-        self, cuts: list[int], arrays: list[np.ndarray]
-    ) -> list[NDArray[np.float32] | Exception]:
-        self.metrics.batch_hist[len(cuts)] += 1  # frames per tail call (the tail records real batches)
+    # -- groups of frames to the tail and the scorer ------------------------------------------
+    # Every Serve call costs milliseconds of CPU (router, replica, pickling): frames in flight here
+    # travel as one call per group (cloud_service.batching: a group is what queued up while the
+    # previous calls were busy, so a lone frame never waits for a timer).
+    async def _tail_group(self, items: list[tuple[int, np.ndarray]]) -> list[NDArray[np.float32] | Exception]:
+        self.metrics.batch_hist[len(items)] += 1  # frames per tail call (the tail records ORT batches)
+        cuts = [cut for cut, _ in items]
+        arrays = [a for _, a in items]  # each [tokens, width] (or [S, S, 3] uint8 at cut 0)
         return await self.tail.embed_many.remote(cuts, arrays)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
-    async def _score_batch(
-        self,
-        imgs: list[NDArray[np.float32]],
-        set_ids: list[str],
-        texts: list[NDArray[np.float32]],
-        n_templates: list[int],
-        ks: list[int],
+    async def _score_group(
+        self, items: list[tuple[NDArray[np.float32], str, NDArray[np.float32], int, int]]
     ) -> list[tuple[NDArray[np.float32], list[tuple[int, float]]]]:
-        unique = dict(zip(set_ids, texts, strict=True))
-        items = list(zip(imgs, set_ids, n_templates, ks, strict=True))
-        return await self.scorer.score_many.remote(items, unique)
+        self.metrics.local["score_calls"] += 1
+        unique = {sid: txt for _, sid, txt, _, _ in items}  # each prompt set's texts once per call
+        return await self.scorer.score_many.remote(
+            [(img, sid, n_tpl, k) for img, sid, _, n_tpl, k in items], unique
+        )
 
     # -- one frame --------------------------------------------------------------------------
     async def _classify(self, frame: pb.Frame) -> pb.Result:
@@ -236,9 +234,7 @@ class Ingress:
             if decoded.kind == "embedding":  # cut L: the node sent the embedding itself
                 e = decoded.array
                 return e / np.linalg.norm(e), 0.0
-            emb = await self._tail_batch(frame.cut, decoded.array)  # [embed_dim]
-            if isinstance(emb, Exception):
-                raise emb
+            emb = await self.tail_calls.submit((frame.cut, decoded.array))  # [embed_dim]
             return emb, time.perf_counter() - t
 
         async def text() -> tuple[NDArray[np.float32], float]:
@@ -247,8 +243,8 @@ class Ingress:
 
         (img, t_tail), (txt, t_text) = await asyncio.gather(image(), text())
         t_sc = time.perf_counter()
-        probs, top = await self._score_batch(
-            img, prompts.set_id, txt, max(1, len(prompts.templates)), _k(frame)
+        probs, top = await self.score_calls.submit(
+            (img, prompts.set_id, txt, max(1, len(prompts.templates)), _k(frame))
         )
         t_end = time.perf_counter()
 

@@ -18,6 +18,37 @@ log = logging.getLogger("splitclip.cloud.launch")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "serve_config.yaml"
 
+# Ray passes task arguments and results up to this size inside the RPC; bigger ones go through the
+# shared-memory object store (a put, a pin and a release per object, CPU in the raylet and both
+# workers). The default, 100 KiB, sends every lossless ViT-B/32 frame (50 x 768 fp32 = 154 KB) through
+# the store twice (proxy -> ingress, ingress -> tail). The cluster sets the same value with the
+# environment variable RAY_max_direct_call_object_size (deploy/k8s/rayservice.yaml).
+RAY_SYSTEM_CONFIG: dict[str, Any] = {"max_direct_call_object_size": 8 << 20}
+
+# Ray Serve's per-request path, trimmed (the same variables are on the Ray containers in
+# deploy/k8s/rayservice.yaml; they must reach every Ray process, the proxy included):
+SERVE_ENV: dict[str, str] = {
+    # run replica code on the replica's own event loop, not on a second thread it hands over to
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    # route handle calls (ingress -> tail / scorer) on the caller's loop, not on a router thread
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    # buffer the per-request access log instead of a write per request
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+}
+
+
+def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
+    """`ray.init` for a local cluster with the service's Ray system config and Serve environment
+    (anything already set in the environment wins)."""
+    import os
+
+    import ray
+
+    for k, v in SERVE_ENV.items():
+        os.environ.setdefault(k, v)
+    system = {k: v for k, v in RAY_SYSTEM_CONFIG.items() if f"RAY_{k}" not in os.environ}
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _system_config=system or None, **kwargs)
+
 
 def load_config(path: str | Path | None = None) -> dict[str, Any]:
     p = Path(path) if path else DEFAULT_CONFIG

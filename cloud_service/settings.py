@@ -26,7 +26,8 @@ class CloudSettings:
     node_token: str = ""  # when set, every call must carry it (metadata x-splitclip-token or authorization)
     grpc_port: int = 9000  # port of Serve's gRPC proxy (used by `splitclip cloud`)
     max_batch_size: int = 32  # vision tail @serve.batch size
-    batch_wait_s: float = 0.004  # how long the tail waits for a batch to fill
+    batch_wait_s: float = 0.002  # how long a tail @serve.batch waits for more frames after its first
+    ingress_calls_inflight: int = 2  # concurrent grouped calls per ingress replica to the tail (and scorer)
     max_payload_bytes: int = 4 << 20  # bigger Frame.payload -> RESOURCE_EXHAUSTED
     max_prompts: int = 256  # labels per request
     max_prompt_chars: int = 300
@@ -67,6 +68,8 @@ class CloudSettings:
         for name in ("max_payload_bytes", "max_prompts", "max_prompt_chars", "max_templates"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ingress_calls_inflight < 1:
+            raise SettingsError(f"ingress_calls_inflight must be >= 1, got {self.ingress_calls_inflight}")
         if self.stream_max_inflight < 1:
             raise SettingsError(f"stream_max_inflight must be >= 1, got {self.stream_max_inflight}")
 

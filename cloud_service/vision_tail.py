@@ -1,9 +1,12 @@
 """VisionTail deployment: the rest of the image tower (blocks k..L + head) for any cut k, batched.
 
-One replica serves every cut. A @serve.batch call collects decoded frames from all callers (many
-unary calls and the concurrently dispatched frames of bidi streams alike); inside a batch, frames
-are grouped by (cut, tokens) because only tensors with the same shape stack (token pruning sends
-fewer tokens), and each group runs as one ONNX Runtime batch.
+One replica serves every cut. `@serve.batch` collects decoded frames from all callers (ingress
+groups from many unary calls and from the concurrently dispatched frames of bidi streams alike); the
+batches it forms while ONNX Runtime is busy are merged into the next ORT run (cloud_service.batching:
+Serve 2.60 forms batches before a `max_concurrent_batches` slot is free, so without the merge frames
+that trickle in run one by one). Inside a run, frames are grouped by (cut, tokens) because only
+tensors with the same shape stack (token pruning sends fewer tokens), and each group is one ORT batch.
+ORT runs in a worker thread (it releases the GIL), so the replica keeps accepting requests meanwhile.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 from ray import serve
 
+from cloud_service.batching import Coalescer
 from cloud_service.metrics import Metrics
 from cloud_service.settings import CloudSettings
 from splitclip.preprocess import normalize
@@ -30,11 +34,10 @@ _NOT_RUN = RuntimeError("frame was not run")
 class TailCore:
     """Runs a list of (cut, tensor) frames with as few ORT calls as shapes allow."""
 
-    def __init__(self, bundle: str, threads: int) -> None:
-        self.runtime = BundleRuntime(bundle, threads=threads or None)
+    def __init__(self, bundle: str, threads: int, *, spinning: bool | None = False) -> None:
         # Idle ORT workers spin by default: on a small box that steals the CPU the proxy, the
-        # ingress and the batch collector need between batches.
-        self.runtime._opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # ingress and the batch collector need between batches. threads 0 = ORT's default.
+        self.runtime = BundleRuntime(bundle, threads=threads or None, spinning=spinning)
         self.runtime.warmup(text=False)
         self.num_blocks = self.runtime.num_blocks
 
@@ -70,17 +73,26 @@ class TailCore:
         return out
 
 
+# Batches formed while ORT runs wait in the merge queue, so up to this many may be open at once.
+MAX_CONCURRENT_BATCHES = 4
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=128)
 class VisionTail:
     def __init__(self, settings: dict[str, Any]) -> None:
         s = CloudSettings.load(settings)
         self.metrics = Metrics()
         self.core = TailCore(s.bundle, s.tail_threads)
+        # One ORT run at a time, on everything that queued up meanwhile (at most max_batch_size).
+        self.runs: Coalescer[tuple[int, np.ndarray], NDArray[np.float32]] = Coalescer(
+            self._run_ort, s.max_batch_size, concurrency=1
+        )
         self._configure(s.max_batch_size, s.batch_wait_s)
 
     def _configure(self, max_batch_size: int, batch_wait_s: float) -> None:
         self.embed_batch.set_max_batch_size(max_batch_size)
         self.embed_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self.runs.max_size = max_batch_size
         log.info("vision tail: max_batch_size=%d batch_wait_s=%.4f", max_batch_size, batch_wait_s)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -94,23 +106,28 @@ class VisionTail:
     async def embed(self, cut: int, x: np.ndarray) -> NDArray[np.float32]:
         """One decoded frame at `cut` -> its normalised image embedding [embed_dim]."""
         result = await self.embed_batch(cut, x)
-        if isinstance(result, Exception):
+        if isinstance(result, BaseException):
             raise result
         return result
 
     async def embed_many(
         self, cuts: list[int], xs: list[np.ndarray]
-    ) -> list[NDArray[np.float32] | Exception]:
+    ) -> list[NDArray[np.float32] | BaseException]:
         """Several frames in one call (the ingress groups its frames to save per-call overhead); they
         join the same batch queue as everything else. Failed frames come back as their exception."""
         return await asyncio.gather(*(self.embed_batch(c, x) for c, x in zip(cuts, xs, strict=True)))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.004)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
     async def embed_batch(
         self, cuts: list[int], xs: list[np.ndarray]
-    ) -> list[NDArray[np.float32] | Exception]:
-        self.metrics.batch(len(xs))
+    ) -> list[NDArray[np.float32] | BaseException]:
+        return await self.runs.submit_many(list(zip(cuts, xs, strict=True)))
+
+    async def _run_ort(self, items: list[tuple[int, np.ndarray]]) -> list[NDArray[np.float32] | Exception]:
+        self.metrics.batch(len(items))
         t0 = time.perf_counter()
+        cuts = [c for c, _ in items]
+        xs = [x for _, x in items]
         # ORT releases the GIL: running it in a thread keeps the event loop collecting the next batch.
         out = await asyncio.to_thread(self.core.run, cuts, xs)
         self.metrics.stage("tail", (time.perf_counter() - t0) * 1e3)

@@ -52,7 +52,7 @@ def cloud(tiny_bundle_dir: Path, redis_server) -> Iterator[Cloud]:
 
     from cloud_service import launch
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    launch.init_ray(2, log_to_driver=False)  # with the service's Ray system config
     try:
         grpc_port = free_port()
         cfg = launch.with_overrides(

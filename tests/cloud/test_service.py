@@ -132,14 +132,18 @@ def test_stream_answers_every_frame_once_and_batches_within_the_stream(cloud, ru
 
 
 def test_unary_calls_from_many_clients_are_batched_together(cloud, maker, client):
-    tail = cloud.handle("VisionTail")
+    tail, ingress = cloud.handle("VisionTail"), cloud.handle("Ingress")
     tail.reset_stats.remote().result()
+    ingress.reset_stats.remote().result()
     frames = [maker.frame(img, 2, PROMPTS, frame_id=i) for i, img in enumerate(images(24, seed=11))]
     with ThreadPoolExecutor(12) as pool:
         results = list(pool.map(client.classify, frames))
     assert [r.frame_id for r in results] == list(range(24))
     sizes = tail.stats.remote().result()["batch_sizes"]
     assert max(sizes) > 1, f"concurrent unary calls were not batched: {sizes}"
+    # ... and they reached the tail in grouped calls, not one Serve call per frame
+    groups = ingress.stats.remote().result()["batch_sizes"]
+    assert max(groups) > 1 and sum(groups.values()) < 24, f"one tail call per frame: {groups}"
 
 
 def test_empty_stream_closes_cleanly(client):

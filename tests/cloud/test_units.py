@@ -182,3 +182,15 @@ def test_k8s_config_secret_and_redis_reference_each_other():
     for key in cm["data"]:
         if key.startswith("SPLITCLIP_"):
             CloudSettings.load(env={key: cm["data"][key]})
+
+
+def test_rayservice_containers_carry_the_local_ray_and_serve_environment():
+    from cloud_service.launch import RAY_SYSTEM_CONFIG, SERVE_ENV
+
+    want = {f"RAY_{k}": str(v) for k, v in RAY_SYSTEM_CONFIG.items()} | SERVE_ENV
+    spec = yaml.safe_load((K8S / "rayservice.yaml").read_text())["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for g in groups:
+        for c in g["template"]["spec"]["containers"]:
+            env = {e["name"]: e["value"] for e in c.get("env", [])}
+            assert {k: env.get(k) for k in want} == want, c["name"]
