@@ -17,6 +17,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
         "partitioner.demo_eval",
         "zero-shot accuracy of a demo checkpoint on seen / held-out combos",
     ),
+    (("random-clip",), "partitioner.random_clip", "save a random-weight CLIP checkpoint (tests, benchmarks)"),
     (("partition",), "partitioner.export", "split a CLIP checkpoint into an ONNX bundle (any cut 0..L)"),
     (("classify",), "splitclip.classify", "classify images locally with a bundle (full local inference)"),
     (

@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small random CLIP (image 32, patch 8 -> 17 tokens, 3 blocks of width 64)."""
-    from tests.fixtures_models import save_random_clip
+    from partitioner.random_clip import save_random_clip
 
     out = tmp_path_factory.mktemp("tiny-clip")
     return save_random_clip(

@@ -83,7 +83,7 @@ def test_demo_text(demo_clip_dir: Path, demo_bundle_dir: Path) -> None:
 def vitb32(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """ViT-B/32 architecture (image 224, patch 32, width 768, 12 layers) with random weights."""
     from partitioner.export import partition
-    from tests.fixtures_models import save_random_clip
+    from partitioner.random_clip import save_random_clip
 
     model_dir = save_random_clip(
         tmp_path_factory.mktemp("vitb32-clip"), image_size=224, patch_size=32, width=768, layers=12, heads=12
