@@ -338,7 +338,9 @@ def report(
     mbs: int,
 ) -> str:
     ref = raw_rows[0].median
-    cmd = " ".join(sys.argv[1:])
+    # Under `splitclip bench cloud ...` argv[1:3] are the subcommand words; under `python -m` they are not.
+    argv = sys.argv[1:]
+    cmd = " ".join(argv[2:] if argv[:2] == ["bench", "cloud"] else argv)
     lines = [
         "| path | images/s (median) | range | vs raw ORT tail | p50 latency ms |",
         "|---|---:|---:|---:|---:|",
