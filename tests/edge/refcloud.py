@@ -49,10 +49,15 @@ class RefCloud(pb_grpc.SplitClipServicer):
         self.port = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def start(self, port: int = 0) -> str:
+    def start(self, port: int = 0, *, tls: tuple[bytes, bytes] | None = None) -> str:
+        """Serve on 127.0.0.1; `tls` = (private key PEM, certificate chain PEM) serves TLS instead."""
         server = grpc.server(futures.ThreadPoolExecutor(8))
         pb_grpc.add_SplitClipServicer_to_server(self, server)
-        self.port = server.add_insecure_port(f"127.0.0.1:{port or self.port}")
+        addr = f"127.0.0.1:{port or self.port}"
+        if tls is None:
+            self.port = server.add_insecure_port(addr)
+        else:
+            self.port = server.add_secure_port(addr, grpc.ssl_server_credentials([tls]))
         server.start()
         self._server = server
         return f"127.0.0.1:{self.port}"
