@@ -113,3 +113,8 @@ def test_checkpoint_tokenizer_matches_config():
     assert len(ids) <= text_cfg["max_position_embeddings"]
     vocab = tok.get_vocab()
     assert all(w in vocab for w in dd.vocabulary())
+
+
+def test_committed_label_file_matches_the_label_prompts() -> None:
+    path = Path(__file__).resolve().parents[2] / "models" / "demo-labels.txt"
+    assert path.read_text().splitlines() == dd.label_prompts()
