@@ -8,33 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
-from PIL import Image
 
 from partitioner import demo_data
-
-
-def preprocess(images: list[Image.Image], config: dict[str, Any]) -> NDArray[np.float32]:
-    """CLIPImageProcessor semantics in numpy/PIL: resize shortest edge, centre crop, rescale, normalise.
-
-    Returns [n, 3, crop_h, crop_w] float32.
-    """
-    short = config["size"]["shortest_edge"]
-    ch, cw = config["crop_size"]["height"], config["crop_size"]["width"]
-    mean = np.asarray(config["image_mean"], np.float32)
-    std = np.asarray(config["image_std"], np.float32)
-    out = np.empty((len(images), 3, ch, cw), np.float32)
-    for i, im in enumerate(images):
-        im = im.convert("RGB")
-        w, h = im.size
-        scale = short / min(w, h)
-        nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
-        im = im.resize((nw, nh), Image.Resampling(config.get("resample", 3)))
-        left, top = (nw - cw) // 2, (nh - ch) // 2
-        im = im.crop((left, top, left + cw, top + ch))
-        x = np.asarray(im, np.float32) * config.get("rescale_factor", 1 / 255)
-        out[i] = ((x - mean) / std).transpose(2, 0, 1)
-    return out
+from splitclip.preprocess import PreprocessConfig, preprocess
 
 
 def evaluate(model_dir: str | Path, n: int = 1000, seed: int = 1234, threads: int = 2) -> dict[str, Any]:
@@ -46,7 +22,7 @@ def evaluate(model_dir: str | Path, n: int = 1000, seed: int = 1234, threads: in
     torch.set_num_threads(threads)
     model_dir = Path(model_dir)
     model = CLIPModel.from_pretrained(model_dir, dtype=torch.float32).eval()
-    config = json.loads((model_dir / "preprocessor_config.json").read_text())
+    config = PreprocessConfig.from_hf(json.loads((model_dir / "preprocessor_config.json").read_text()))
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     context = model.config.text_config.max_position_embeddings
     tok.enable_padding(pad_id=model.config.text_config.pad_token_id, length=context)
