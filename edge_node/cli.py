@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 from edge_node.results import EdgeResult
+from splitclip.classify import read_labels
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -48,11 +49,6 @@ def expand_paths(paths: Sequence[Path]) -> list[Path]:
         else:
             out.append(p)
     return out
-
-
-def read_labels(path: Path) -> list[str]:
-    lines = [line.strip() for line in path.read_text().splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,7 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
-from edge_node.cli import IMAGE_SUFFIXES, read_labels
+from edge_node.cli import IMAGE_SUFFIXES
+from splitclip.classify import read_labels
 
 log = logging.getLogger("splitclip.edge.watch")
 

@@ -10,10 +10,16 @@ from pathlib import Path
 from splitclip.runtime import BundleRuntime, top_k
 
 
+def read_labels(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    lines = [line.strip() for line in Path(path).read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
 def read_prompts(prompts: list[str] | None, labels_file: str | None) -> list[str]:
     out = list(prompts or [])
     if labels_file:
-        out += [line.strip() for line in Path(labels_file).read_text().splitlines() if line.strip()]
+        out += read_labels(labels_file)
     if not out:
         raise ValueError("give prompts with --prompt TEXT (repeatable) or --labels FILE (one per line)")
     return out

@@ -85,22 +85,25 @@ class BundleRuntime:
         self.manifest = self.bundle.manifest
         self._opts = make_session_options(threads, spinning=spinning)
         self._providers = list(providers) if providers else ["CPUExecutionProvider"]
-        self._sessions: dict[str, ort.InferenceSession] = {}
+        self._sessions: dict[str, tuple[ort.InferenceSession, str]] = {}  # name -> (session, input name)
         self.prompt_limits = prompt_limits or PromptLimits()
 
     # -- sessions ---------------------------------------------------------------------------
-    def session(self, name: str) -> ort.InferenceSession:
-        s = self._sessions.get(name)
-        if s is None:
+    def _entry(self, name: str) -> tuple[ort.InferenceSession, str]:
+        entry = self._sessions.get(name)
+        if entry is None:
             s = ort.InferenceSession(str(self.bundle.path(name)), self._opts, providers=self._providers)
-            self._sessions[name] = s
-        return s
+            entry = self._sessions[name] = (s, s.get_inputs()[0].name)
+        return entry
+
+    def session(self, name: str) -> ort.InferenceSession:
+        return self._entry(name)[0]
 
     def _run(self, name: str, x: np.ndarray) -> np.ndarray:
-        s = self.session(name)
-        return s.run(None, {s.get_inputs()[0].name: x})[0]
+        s, input_name = self._entry(name)
+        return s.run(None, {input_name: x})[0]
 
-    def warmup(self, cuts: Sequence[int] = (), text: bool = True) -> None:
+    def warmup(self, text: bool = True) -> None:
         for name in self.manifest.stage_files():
             self.session(name)
         if text:
