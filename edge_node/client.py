@@ -140,6 +140,10 @@ class FrameStream(Generic[T]):
         return not self._dead.is_set()
 
     @property
+    def threads_running(self) -> bool:
+        return self._receiver.is_alive() or self._watchdog.is_alive()
+
+    @property
     def in_flight(self) -> int:
         with self._lock:
             return len(self._pending)
@@ -166,6 +170,13 @@ class FrameStream(Generic[T]):
         self._requests.put(self._END)
         self._receiver.join(timeout)
         self.abort("stream closed")
+        self.join(timeout)
+
+    def join(self, timeout: float = 5.0) -> None:
+        """Wait for this stream's threads; both end promptly once the stream is dead."""
+        for t in (self._receiver, self._watchdog):
+            if t is not threading.current_thread():
+                t.join(timeout)
 
     def abort(self, reason: str) -> None:
         """Cancel the call now; every pending frame is reported lost with `reason`."""

@@ -127,6 +127,7 @@ class EdgeNode:
         self._stream: FrameStream[_Ticket] | None = None
         self._stream_lock = threading.Lock()
         self._retired_late = 0
+        self._retired: list[FrameStream[_Ticket]] = []
         self.breaker = CircuitBreaker(
             failures=s.breaker_failures,
             probe_interval=s.probe_interval_s,
@@ -215,6 +216,11 @@ class EdgeNode:
             stream.close(timeout=self.settings.frame_deadline_s)
             self._retire(stream)
         self._local_worker.shutdown(wait=True)
+        with self._stats_lock:
+            retired, self._retired = self._retired, []
+        for old in retired:  # streams dropped earlier may still be winding down
+            old.abort("node closed")
+            old.join(timeout=5)
         if self._prober is not None:
             self._prober.join(timeout=5)
         if self.client is not None:
@@ -286,7 +292,15 @@ class EdgeNode:
                 )
             return self._stream
 
+    def _track(self, stream: FrameStream[_Ticket]) -> None:
+        """Remember a stream we let go of until its threads are gone, so close() can wait for it."""
+        with self._stats_lock:
+            self._retired = [r for r in self._retired if r.alive or r.threads_running]
+            if stream not in self._retired:
+                self._retired.append(stream)
+
     def _retire(self, stream: FrameStream[_Ticket]) -> None:
+        self._track(stream)
         with self._stats_lock:
             self._retired_late += stream.late
             self.stats.late_dropped = self._retired_late
@@ -349,6 +363,7 @@ class EdgeNode:
         with self._stream_lock:
             stream, self._stream = self._stream, None
         if stream is not None:
+            self._track(stream)
             # on a stream thread: abort from another thread so we never join ourselves
             threading.Thread(target=self._abort_stream, args=(stream, why), daemon=True).start()
 
