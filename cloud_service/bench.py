@@ -294,8 +294,8 @@ def run(args: argparse.Namespace) -> int:
             return p
 
         deploy(mbs)
-        tail = serve.get_deployment_handle("VisionTail", "splitclip")
-        ingress = serve.get_deployment_handle("Ingress", "splitclip")
+        tail = launch.driver_handle("VisionTail")
+        ingress = launch.driver_handle("Ingress")
         for c in counts:
             tail.reset_stats.remote().result()
             ingress.reset_stats.remote().result()

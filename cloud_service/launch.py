@@ -34,6 +34,14 @@ SERVE_ENV: dict[str, str] = {
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     # buffer the per-request access log instead of a write per request
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+    # the proxy reaches the ingress over Serve's gRPC transport instead of Ray actor calls: half the
+    # proxy's and the ingress's CPU per frame. Only the proxy hop: with gRPC between deployments too
+    # (RAY_SERVE_USE_GRPC_BY_DEFAULT=1) the ingress -> VisionTail calls stall at 32 clients (measured,
+    # docs/bench_cloud.md).
+    "RAY_SERVE_PROXY_USE_GRPC": "1",
+    # that hop's receive limit (gRPC's 4 MiB default) above the largest frame the ingress accepts,
+    # so an oversize frame gets the ingress's own RESOURCE_EXHAUSTED naming the limit
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(64 << 20),
 }
 
 
@@ -126,3 +134,15 @@ def wait_running(apps: list[str], *, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"Serve applications not running after {timeout_s:.0f} s ({line})")
         time.sleep(0.5)
+
+
+def driver_handle(deployment: str, app: str = "splitclip"):
+    """A handle usable from plain (non-async) driver code such as the bench and the tests: its router
+    runs on its own loop whatever RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP says (the replicas keep that
+    setting; under RAY_SERVE_THROUGHPUT_OPTIMIZED=1 it is off, and a sync `.remote().result()` then fails)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, app)  # the same object for the same name
+    if not handle.is_initialized:
+        handle._init(_run_router_in_separate_loop=True)
+    return handle

@@ -27,9 +27,9 @@ class Cloud:
     token: str
 
     def handle(self, deployment: str):
-        from ray import serve
+        from cloud_service.launch import driver_handle
 
-        return serve.get_deployment_handle(deployment, "splitclip")
+        return driver_handle(deployment)
 
     def stats(self, deployment: str) -> dict:
         return self.handle(deployment).stats.remote().result()

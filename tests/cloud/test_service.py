@@ -192,6 +192,9 @@ def test_error_statuses(cloud, runtime, maker, client):
 
     e = rpc_error(client.classify, frame(payload=b"\0" * (256 * 1024 + 1)))
     assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "262144" in e.details()
+    # past gRPC's 4 MiB default: the proxy -> ingress hop must still let our own check answer
+    e = rpc_error(client.classify, frame(payload=b"\0" * (5 << 20)))
+    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "262144" in e.details()
 
     e = rpc_error(client.classify, frame(prompts=[], prompt_set_id="ps-nope"))
     assert e.code() == grpc.StatusCode.NOT_FOUND
