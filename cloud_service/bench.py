@@ -272,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
         raw(1, threads, False, "raw ORT tail, batch 1, tail settings"),
         raw(mbs, None, None, f"raw ORT tail, batch {mbs}, ORT defaults"),
     ]
-    ref = raw_rows[0].median
+    ref = raw_rows[0].median  # for the progress lines; the report pools both raw runs at max_batch_size
 
     redis = EmbeddedRedis().start()
     launch.init_ray(args.num_cpus, log_to_driver=False)
@@ -314,6 +314,11 @@ def run(args: argparse.Namespace) -> int:
 
         ray.shutdown()
         redis.stop()
+    # the raw ceiling again on the now idle cores: a VM's speed drifts, and one raw measurement
+    # taken minutes before the whole path can flatter or hurt the ratio
+    raw_rows.append(
+        raw(mbs, threads, False, f"raw ORT tail, batch {mbs}, tail settings, after the whole path")
+    )
 
     text = report(args, setup, raw_rows, rows, hist, groups, counts[-1], mbs)
     print("\n" + text)
@@ -337,7 +342,10 @@ def report(
     top: int,
     mbs: int,
 ) -> str:
-    ref = raw_rows[0].median
+    ceiling = [p for p in raw_rows if p.name.startswith(f"raw ORT tail, batch {mbs}, tail settings")]
+    pooled = [r for p in ceiling for r in p.runs]
+    ref = statistics.median(pooled) if pooled else raw_rows[0].median
+    best = max((r for p in raw_rows for r in p.runs), default=ref)
     # Under `splitclip bench cloud ...` argv[1:3] are the subcommand words; under `python -m` they are not.
     argv = sys.argv[1:]
     cmd = " ".join(argv[2:] if argv[:2] == ["bench", "cloud"] else argv)
@@ -356,10 +364,13 @@ def report(
     lines.append("")
     if main:
         lines.append(
-            f"Whole path at {top} clients / raw ORT tail (same threads): **{main.median / ref:.2f}**"
+            f"Whole path at {top} clients / raw ORT tail (median of all {len(pooled)} raw windows at "
+            f"batch {mbs}, before and after, {ref:.1f} images/s): **{main.median / ref:.2f}**"
         )
-        best = max(p.median for p in raw_rows)
-        lines.append(f"Whole path at {top} clients / best raw ORT tail row: **{main.median / best:.2f}**")
+        lines.append(
+            f"Whole path at {top} clients / fastest single raw window of any row ({best:.1f} images/s, "
+            f"the most conservative reading): **{main.median / best:.2f}**"
+        )
     if main and unb and unb.median:
         lines.append(
             f"Batching speed-up at {top} clients (vs max_batch_size=1): **{main.median / unb.median:.2f}x**"
