@@ -114,7 +114,7 @@ class EdgeNode:
         self.preset = codec.get_preset(s.codec)
         self.spec = codec.TensorSpec.from_manifest(m)
         self.calibration = None
-        if self.preset.pca > 0:
+        if self.preset.pca > 0 or self.preset.klt > 0:  # PCA / KLT presets code in the bundle's basis
             if not self.bundle.has("calibration.npz"):
                 raise ValueError(f"codec {self.preset.name} needs calibration.npz, which this bundle lacks")
             self.calibration = codec.Calibration.load(self.bundle.path("calibration.npz"))

@@ -17,6 +17,7 @@ import pytest
 from edge_node.cloudproc import CloudProcess, session_members
 from edge_node.node import EdgeNode
 from edge_node.results import EdgeResult
+from splitclip import codec
 from splitclip.bundle import write_manifest
 
 TOKEN = "e2e-node-token"
@@ -64,6 +65,18 @@ def test_split_results_equal_local_results_with_the_lossless_codec(
     for s, r in zip([*split, unary], [*ref, ref[0]], strict=True):
         assert s.labels[0] == r.labels[0]
         np.testing.assert_allclose(s.probabilities, r.probabilities, atol=1e-4)
+
+
+def test_every_codec_preset_goes_split_through_the_real_cloud(tiny_bundle_dir, cloud, images) -> None:
+    """Each preset encoded by the edge decodes in the cloud's ingress (the PCA/KLT ones with the
+    bundle's calibration on both sides) at an inner cut, and at cuts 0 and L for one of them."""
+    with EdgeNode(tiny_bundle_dir) as local:
+        L = local.num_blocks
+    plans = [(1, name) for name in codec.PRESETS] + [(0, "int8-zstd"), (L, "fp16")]
+    for cut, name in plans:
+        with EdgeNode(tiny_bundle_dir, cloud=cloud.address, cut=cut, codec=name, **FAST) as node:
+            got = by_id(node.classify_many(images[:3], PROMPTS))
+        assert [(r.mode, r.reason) for r in got] == [("split", "cloud")] * 3, (cut, name, got[0])
 
 
 def test_a_mismatched_bundle_goes_local_with_the_reason(
