@@ -26,6 +26,11 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
         "classify images on an edge node: split via the cloud, local fallback",
     ),
     (("edge", "watch"), "edge_node.watch", "classify images dropped into a directory until stopped"),
+    (
+        ("edge", "plan"),
+        "edge_node.plan_cli",
+        "rank cuts x codec presets by latency on this device per bandwidth",
+    ),
     (("cloud",), "cloud_service.cli", "start the Ray Serve cloud service (local Ray, embedded Valkey)"),
     (
         ("bench", "codecs"),

@@ -1,0 +1,192 @@
+"""Cut planner: which cut k and codec preset answer a frame soonest on this device and this link.
+
+For a ViT every inner cut carries the same tensor ([tokens, width]), so the choice is driven by
+where the compute runs and what the codec makes of the tensor at that cut, not by the tensor size.
+The planner measures what it can on this device and models the rest (Neurosurgeon-style):
+
+    latency(k, preset) = preprocess + edge stages[0:k] + encode
+                         + bytes(k, preset) * 8 / bandwidth + rtt
+                         + (decode + cloud stages[k:L] + head) / cloud_speedup
+
+* stage times: each vision stage (embed, every block, head) timed with ONNX Runtime at batch 1 here;
+* bytes and codec times: real frames, encoded from the activations of sample images at every cut;
+* the cloud runs the same stages `cloud_speedup` times faster than this device (1 = same hardware);
+* k = 0 uploads the image (JPEG or PNG, from the preset), k = L the embedding; "local" answers with
+  no network at all (full local inference, what the node does offline).
+Text embeddings are cached on both sides and left out; so is queueing in the cloud.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from splitclip import codec
+from splitclip.bundle import Bundle
+from splitclip.preprocess import ImageLike, normalize, to_model_input
+from splitclip.runtime import BundleRuntime
+
+LOCAL = -1  # the cut value of the "answer locally" plan
+
+
+@dataclass(frozen=True)
+class StageProfile:
+    """Median ms per frame on this device (batch 1)."""
+
+    preprocess_ms: float  # decode/resize to the model input (uint8)
+    normalize_ms: float  # uint8 -> normalised float pixels
+    stage_ms: tuple[float, ...]  # [embed, block_0 .. block_{L-1}, head]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.stage_ms) - 2
+
+    @property
+    def tower_ms(self) -> float:
+        """Normalise + every vision stage: the image tower after preprocessing."""
+        return self.normalize_ms + sum(self.stage_ms)
+
+    def edge_compute_ms(self, k: int) -> float:
+        """Tower compute on the edge for cut k (k = LOCAL: all of it)."""
+        if k == 0:
+            return 0.0
+        if k in (self.num_blocks, LOCAL):
+            return self.tower_ms
+        return self.normalize_ms + sum(self.stage_ms[: k + 1])  # embed + blocks[0:k]
+
+    def edge_ms(self, k: int) -> float:
+        """Edge time before the codec at cut k: preprocessing + its share of the tower."""
+        return self.preprocess_ms + self.edge_compute_ms(k)
+
+    def cloud_ms(self, k: int) -> float:
+        """The rest of the tower at cut k, at this device's speed."""
+        return 0.0 if k == LOCAL else self.tower_ms - self.edge_compute_ms(k)
+
+
+@dataclass(frozen=True)
+class FrameCost:
+    """Median bytes and codec times of one (cut, preset) over the sample images."""
+
+    cut: int
+    preset: str
+    bytes: int
+    encode_ms: float
+    decode_ms: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    cut: int  # LOCAL (-1) = full local inference
+    preset: str  # "" for local
+    bytes: int
+    edge_ms: float  # compute + encode on the edge
+    upload_ms: float  # bytes over the link + one round trip
+    cloud_ms: float  # decode + compute in the cloud, scaled by the cloud's speed-up
+    total_ms: float
+
+    @property
+    def label(self) -> str:
+        return "local" if self.cut == LOCAL else f"cut {self.cut}, {self.preset}"
+
+
+def _median_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    fn()  # warm-up (first ORT run allocates)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def profile_stages(rt: BundleRuntime, image: ImageLike, repeats: int = 20) -> StageProfile:
+    cfg = rt.preprocess_config
+    img = to_model_input(image, cfg)  # uint8 [H, W, 3]
+    pixels = normalize(img[None], cfg)  # [1, 3, H, W]
+    hidden = rt.embed(pixels)  # [1, tokens, width]
+    stage = [_median_ms(lambda: rt.embed(pixels), repeats)]
+    for i in range(rt.num_blocks):
+        stage.append(_median_ms(lambda i=i: rt.run_blocks(hidden, i, i + 1), repeats))
+    stage.append(_median_ms(lambda: rt.head(hidden), repeats))
+    return StageProfile(
+        preprocess_ms=_median_ms(lambda: to_model_input(image, cfg), repeats),
+        normalize_ms=_median_ms(lambda: normalize(img[None], cfg), repeats),
+        stage_ms=tuple(stage),
+    )
+
+
+def frame_costs(
+    rt: BundleRuntime,
+    bundle: Bundle,
+    images: Sequence[ImageLike],
+    presets: Sequence[str],
+    cuts: Sequence[int] | None = None,
+) -> list[FrameCost]:
+    """Encode the tensor each sample image gives at every cut with every preset (real frames)."""
+    spec = codec.TensorSpec.from_manifest(rt.manifest)
+    cal = codec.Calibration.load(bundle.path("calibration.npz")) if bundle.has("calibration.npz") else None
+    cfg = rt.preprocess_config
+    L = rt.num_blocks
+    cuts = list(range(L + 1)) if cuts is None else list(cuts)
+    inputs = [to_model_input(im, cfg) for im in images]  # uint8 [H, W, 3] each
+    wires: dict[int, list[np.ndarray]] = {k: [] for k in cuts}
+    for img in inputs:
+        pixels = normalize(img[None], cfg)  # [1, 3, H, W]
+        hidden = rt.embed(pixels)  # [1, tokens, width]
+        for k in range(L + 1):
+            if k > 0:
+                hidden = rt.run_blocks(hidden, k - 1, k)
+            if k in wires:
+                wires[k].append(img if k == 0 else rt.head(hidden)[0] if k == L else hidden[0])
+    out = []
+    for k in cuts:
+        for name in presets:
+            preset = codec.get_preset(name)
+            sizes, enc, dec = [], [], []
+            for x in wires[k]:
+                t0 = time.perf_counter()
+                payload = codec.encode(x, cut=k, spec=spec, preset=preset, calibration=cal)
+                t1 = time.perf_counter()
+                codec.decode(payload, cut=k, spec=spec, calibration=cal)
+                t2 = time.perf_counter()
+                sizes.append(len(payload))
+                enc.append((t1 - t0) * 1e3)
+                dec.append((t2 - t1) * 1e3)
+            med = statistics.median
+            out.append(FrameCost(k, name, int(med(sizes)), med(enc), med(dec)))
+    return out
+
+
+def plan(
+    profile: StageProfile,
+    costs: Sequence[FrameCost],
+    *,
+    mbps: float,
+    rtt_ms: float,
+    cloud_speedup: float = 1.0,
+) -> list[Plan]:
+    """Every (cut, preset) plan plus the local one, fastest first."""
+    if mbps <= 0 or rtt_ms < 0 or cloud_speedup <= 0:
+        raise ValueError(
+            f"expected mbps > 0, rtt_ms >= 0, cloud_speedup > 0; got {mbps}, {rtt_ms}, {cloud_speedup}"
+        )
+    plans = [Plan(LOCAL, "", 0, profile.edge_ms(LOCAL), 0.0, 0.0, profile.edge_ms(LOCAL))]
+    seen: set[tuple[int, int]] = set()
+    for c in costs:
+        if c.cut in (0, profile.num_blocks):  # image / embedding: presets often give the same frame
+            if (c.cut, c.bytes) in seen:
+                continue
+            seen.add((c.cut, c.bytes))
+        edge = profile.edge_ms(c.cut) + c.encode_ms
+        upload = c.bytes * 8 / (mbps * 1e3) + rtt_ms  # bits / (bits per ms)
+        cloud = (c.decode_ms + profile.cloud_ms(c.cut)) / cloud_speedup
+        plans.append(Plan(c.cut, c.preset, c.bytes, edge, upload, cloud, edge + upload + cloud))
+    return sorted(plans, key=lambda p: (p.total_ms, p.cut))
+
+
+def as_dict(p: Plan) -> dict[str, object]:
+    return {**asdict(p), "label": p.label}
