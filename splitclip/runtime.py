@@ -32,15 +32,18 @@ class PromptLimits:
 
 def make_session_options(threads: int | None = None, *, spinning: bool | None = None) -> ort.SessionOptions:
     """`threads`: intra-op threads (default SPLITCLIP_ORT_THREADS, 0 = ORT's choice). `spinning`: let idle
-    worker threads busy-wait (default SPLITCLIP_ORT_SPIN, on); turn it off when ORT shares few cores
-    with other busy processes (a Serve replica beside its proxy), or they lose CPU to the spin."""
+    worker threads busy-wait (default SPLITCLIP_ORT_SPIN, off; 1 turns it on). Off because ORT rarely has
+    the cores to itself here: on a 2-core box a spinning pool starved everything that ran next to it or
+    right after it (ViT-B/32 tower at batch 1: 61 ms spinning vs 34 ms not; the KLT codec's numpy matmul
+    after the edge stages: 14.5 ms vs 0.2 ms, BLAS threads fighting the spinners; a Serve tail replica ran
+    at a third of its speed beside the proxy). Only tiny models gain from it (the demo tower 1.03 -> 0.86 ms)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     n = threads if threads is not None else int(os.environ.get("SPLITCLIP_ORT_THREADS", "0"))
     if n > 0:
         opts.intra_op_num_threads = n
         opts.inter_op_num_threads = 1
-    spin = spinning if spinning is not None else os.environ.get("SPLITCLIP_ORT_SPIN", "1") != "0"
+    spin = spinning if spinning is not None else os.environ.get("SPLITCLIP_ORT_SPIN", "0") == "1"
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
