@@ -2,7 +2,8 @@
 
 For each cut and preset, over generated demo test images: bytes/image, ratio vs fp32 features, ratio vs
 the image as JPEG q90 at the model's input size, top-1 agreement of the zero-shot prediction with the
-unsplit fp32 model, mean cosine of the image embeddings, and encode+decode microseconds per image.
+unsplit fp32 model, mean cosine of the image embeddings, and the median encode+decode microseconds per
+image (the median, so that other work on a shared machine does not skew it).
 """
 
 from __future__ import annotations
@@ -56,6 +57,24 @@ def _finish_grouped(rt: BundleRuntime, hidden: list[NDArray[np.float32]], cut: i
     return out
 
 
+def _round_trips(
+    xs: list[np.ndarray], cut: int, spec: TensorSpec, preset: Preset, cal: Calibration | None
+) -> tuple[list[bytes], list[np.ndarray], list[float]]:
+    """Encode + decode every input, timing each round trip (payloads, decoded arrays, seconds)."""
+    # one untimed round trip: first-call costs (lazy imports, calibration caches) are not per image
+    decode(
+        encode(xs[0], cut=cut, spec=spec, preset=preset, calibration=cal), cut=cut, spec=spec, calibration=cal
+    )
+    payloads, decoded, seconds = [], [], []
+    for x in xs:
+        t0 = time.perf_counter()
+        payload = encode(x, cut=cut, spec=spec, preset=preset, calibration=cal)
+        decoded.append(decode(payload, cut=cut, spec=spec, calibration=cal).array)
+        seconds.append(time.perf_counter() - t0)
+        payloads.append(payload)
+    return payloads, decoded, seconds
+
+
 def bench(
     bundle: str | Path,
     *,
@@ -88,7 +107,7 @@ def bench(
     jpeg = float(np.mean([jpeg_size(c) for c in crops]))
     fp32_bytes = m.vision.num_tokens * m.vision.width * 4
 
-    def score(emb: NDArray[np.float32], codec_s: float, total_bytes: int, cut: int, preset: str) -> Row:
+    def score(emb: NDArray[np.float32], median_s: float, total_bytes: int, cut: int, preset: str) -> Row:
         n = len(emb)
         per = total_bytes / n
         return Row(
@@ -99,7 +118,7 @@ def bench(
             vs_jpeg=jpeg / per,
             agreement=float(((emb @ text.T).argmax(-1) == ref_pred).mean()),
             cosine=float(np.mean(np.sum(emb * ref_emb, -1) / np.linalg.norm(emb, axis=-1))),
-            codec_us=codec_s / n * 1e6,
+            codec_us=median_s * 1e6,
         )
 
     rows: list[Row] = []
@@ -120,10 +139,7 @@ def bench(
             xs = list(
                 np.concatenate([rt.hidden_at(pixels[s : s + 64], cut) for s in range(0, len(pixels), 64)])
             )
-        t0 = time.perf_counter()
-        payloads = [encode(x, cut=cut, spec=spec, preset=preset, calibration=cal) for x in xs]
-        decoded = [decode(p, cut=cut, spec=spec, calibration=cal).array for p in payloads]
-        codec_s = time.perf_counter() - t0
+        payloads, decoded, seconds = _round_trips(xs, cut, spec, preset, cal)
         if cut == 0:
             px = normalize(np.stack(decoded), rt.preprocess_config)
             emb = np.concatenate([rt.image_features(px[s : s + 64]) for s in range(0, len(px), 64)])
@@ -131,7 +147,7 @@ def bench(
             emb = np.stack(decoded)
         else:
             emb = _finish_grouped(rt, decoded, cut)
-        rows.append(score(emb, codec_s, sum(len(p) for p in payloads), cut, name))
+        rows.append(score(emb, float(np.median(seconds)), sum(len(p) for p in payloads), cut, name))
     facts = {
         "images": float(n_images),
         "jpeg_q90_bytes": jpeg,
@@ -151,7 +167,7 @@ def to_markdown(rows: list[Row], facts: dict[str, float], bundle: str, command: 
         f"Cut 0 sends the image, cut {int(facts['L'])} the embedding. Agreement: top-1 zero-shot prediction equals "
         "the unsplit fp32 model's; cosine: mean cosine of image embeddings to the unsplit model's.",
         "",
-        "| cut | preset | bytes/image | × smaller than fp32 | × smaller than JPEG q90 | top-1 agreement | mean cosine | encode+decode µs/image |",
+        "| cut | preset | bytes/image | × smaller than fp32 | × smaller than JPEG q90 | top-1 agreement | mean cosine | encode+decode µs/image (median) |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -169,17 +185,25 @@ FINDINGS = [
     "Issue targets at cut L/2 = 2: (a) bytes/image <= JPEG q90 of the input (~1,981 B) at >= 99% top-1 "
     "agreement; (b) >= 16x smaller than fp32 (<= 2,080 B) at >= 99.5%. **Neither is met.** Transform "
     "coding (`klt-*`: every token rotated into the full calibration PCA basis, one uniform quantiser per "
-    "direction with step q * (var / mean var)^(-1/4), CLS row sent as fp16, symbols zigzag int16 in two "
-    "coefficient-major byte planes + zstd) is the best rate/agreement trade-off measured: `klt-q10-zstd` "
-    "~5.6 kB at ~99.6% (5.9x fp32; beats int8's 8.5 kB at 99.4%) and `klt-q20-zstd` ~4.5 kB at ~99.0% "
-    "(7.3x; ~2.3x the JPEG size). The var^(-1/4) weighting comes from a finite-difference probe of "
-    "downstream logit sensitivity per PCA direction (sensitivity ~ var^0.5, so high-variance directions "
-    "need finer steps); a uniform step in the PCA basis needs ~5.9 kB for 99%. Why the targets are out of "
-    "reach training-free: even the memoryless entropy of the quantised coefficients at the 99% operating "
-    "point is ~3.4 kB (zstd adds ~0.9 kB over it); 2-D DCT across the 8x8 patch grid gains little "
-    "(neighbouring-patch correlation of PCA coefficients is 0.1-0.6), and pruning/truncation lose "
-    "agreement quickly (thin margins: JPEG q90 of the input itself agrees only ~86%). Closing the gap "
-    "would need a learned (trained) bottleneck or a real per-direction entropy coder (~0.9 kB).",
+    "direction with step q * (var / mean var)^(-1/4), CLS row sent as fp16) stays the best trade-off, and "
+    "the `klt-*-ans` presets code its symbols with ANS (constriction) under a per-direction quantised "
+    "Gaussian whose std, sqrt(var) / step, comes from the calibration the bundle already ships, instead "
+    "of zigzag byte planes + zstd. Same symbols, so the same agreement, 16-19% fewer bytes: at cut 2 "
+    "`klt-q10-ans` ~4.7 kB at 99.6% (7.1x fp32, vs 5.6 kB for `klt-q10-zstd`), `klt-q15-ans` ~4.1 kB at "
+    "99.2% (8.1x, the cheapest >= 99% point), `klt-q20-ans` ~3.7 kB at 99.0% (9.0x, vs 4.5 kB). That "
+    "leaves (a) ~1.9x and (b) ~2.2x short. The coder costs time: ~1.2 ms vs ~0.24 ms encode+decode per "
+    "frame (separately: edge encode ~0.32 vs 0.16 ms, cloud decode ~0.94 vs 0.08 ms): the ~0.9 kB it "
+    "saves is ~6.5 ms of transfer on 3G, about break-even on 4G (~1.2 ms) and a loss on Wi-Fi (~0.4 ms). "
+    "Why a better entropy coder cannot "
+    "close the gap, measured on 300 frames not used for calibration: the per-direction memoryless "
+    "(empirical histogram) entropy of the cut-2 symbols is 4.34 kB at q = 0.10 and 3.36 kB at q = 0.20, "
+    "and the ANS stream is within 0.5% of it (a Laplace model costs ~1% more; scaling the std by 0.9-1.1 "
+    "gains nothing). Structure the model ignores is small: an oracle per-frame mean and std per "
+    "direction, side information free, saves ~2%; only 6-12% of each direction's variance is "
+    "between-image; the median left-neighbour correlation is 0.16 (0.57 for the top direction); "
+    "dead-zone quantisation and other step exponents (var^-0.1, var^-0.4) do no better on the "
+    "rate/agreement curve. Reaching ~2 kB at >= 99% needs about half the information per frame, i.e. a "
+    "learned (trained) bottleneck or trained context model, not a better coder for these symbols.",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Wire codec for the tensor crossing the edge→cloud split (numpy + zstandard + PIL only).
+"""Wire codec for the tensor crossing the edge→cloud split (numpy + zstandard + PIL + constriction only).
 
 Every payload is self-describing: a fixed 48-byte little-endian header, then a body.
 
@@ -19,6 +19,21 @@ Every payload is self-describing: a fixed 48-byte little-endian header, then a b
         symbols: (tokens - 1) x width coefficients round(c / step_j), zigzag-mapped to u16, stored
               coefficient-major (all tokens of direction 0, then direction 1, ...) as two byte planes
               (all low bytes, then all high bytes) so zstd sees long runs of similar small bytes.
+    kind hidden, dtype kltans (FLAG_KLT, rank = width, never FLAG_ZSTD): the same symbols, ANS-coded:
+        [indices u16 x n_index]   if FLAG_PRUNED
+        step f32                  as for klt16
+        K u16                     max |symbol| in the frame, 0..32767 (0: every symbol is 0, no words follow)
+        crc32 u32                 of the symbols as int16 LE [tokens - 1, width]: the model is rebuilt from
+                                  floats on each side, so a platform whose float maths differs must fail
+                                  loudly here, not decode other symbols
+        CLS row fp16 x width
+        words u32 x n             the rest of the body (raw_len = body_len): constriction's ANS stack coder
+              (32-bit words, 24-bit probabilities); decoding pops the (tokens - 1) x width symbols token by
+              token, directions 0..width-1 within a token. Direction j uses constriction's QuantizedGaussian on
+              [-K, K], mean 0, std = f64 sqrt(var_j) / f64(step_j) clipped to [0.05, 1e6], where
+              step_j = f32(q) * calibration.klt_steps[j] and var_j is the calibration's var_{cut}
+              (splitclip.entropy). Decoding checks that the words are consumed exactly and that the decoded
+              symbols reach but never exceed K.
 
 crc32 covers the header (with crc32 = 0) and the stored body. raw_len is the body size before zstd.
 Decoding is strict: any mismatch is a `CodecError` naming the field and the expected value.
@@ -38,6 +53,7 @@ import zstandard
 from numpy.typing import NDArray
 from PIL import Image
 
+from splitclip import entropy
 from splitclip.calibration import Calibration, CalibrationError, CodecError, fit_calibration
 
 __all__ = [
@@ -66,7 +82,7 @@ HEADER_SIZE = _HEADER.size  # 48
 KIND_IMAGE, KIND_HIDDEN, KIND_EMBEDDING = 0, 1, 2
 KIND_NAMES = {KIND_IMAGE: "image", KIND_HIDDEN: "hidden", KIND_EMBEDDING: "embedding"}
 
-DT_FP32, DT_FP16, DT_INT8, DT_INT4, DT_JPEG, DT_PNG, DT_KLT16 = 0, 1, 2, 3, 4, 5, 6
+DT_FP32, DT_FP16, DT_INT8, DT_INT4, DT_JPEG, DT_PNG, DT_KLT16, DT_KLTANS = 0, 1, 2, 3, 4, 5, 6, 7
 DTYPE_NAMES = {
     DT_FP32: "fp32",
     DT_FP16: "fp16",
@@ -75,11 +91,12 @@ DTYPE_NAMES = {
     DT_JPEG: "jpeg",
     DT_PNG: "png",
     DT_KLT16: "klt16",
+    DT_KLTANS: "kltans",
 }
 _DTYPE_CODES = {v: k for k, v in DTYPE_NAMES.items()}
 _KIND_DTYPES = {
     KIND_IMAGE: (DT_JPEG, DT_PNG),
-    KIND_HIDDEN: (DT_FP32, DT_FP16, DT_INT8, DT_INT4, DT_KLT16),
+    KIND_HIDDEN: (DT_FP32, DT_FP16, DT_INT8, DT_INT4, DT_KLT16, DT_KLTANS),
     KIND_EMBEDDING: (DT_FP32, DT_FP16),
 }
 _QMAX = {DT_INT8: 127, DT_INT4: 7}
@@ -133,6 +150,7 @@ class Preset:
     jpeg_quality: int = 90  # cut 0; a lossless preset sends PNG instead
     zstd_level: int = 3
     klt: float = 0.0  # > 0: transform coding in the full PCA basis with global step `klt` (needs calibration)
+    ans: bool = False  # klt symbols ANS-coded with the calibration's per-direction model instead of zstd
     doc: str = ""
 
     def __post_init__(self) -> None:
@@ -140,6 +158,8 @@ class Preset:
             raise CodecError(f"preset {self.name}: dtype {self.dtype!r}, expected fp32/fp16/int8/int4")
         if self.klt < 0.0 or (self.klt > 0.0 and self.pca > 0.0):
             raise CodecError(f"preset {self.name}: expected klt >= 0, and not both klt and pca")
+        if self.ans and (self.klt <= 0.0 or self.zstd):
+            raise CodecError(f"preset {self.name}: ans needs klt > 0 and replaces zstd (expected zstd=False)")
         if not (0.0 < self.keep <= 1.0 and 0.0 <= self.pca <= 1.0 and 1 <= self.jpeg_quality <= 100):
             raise CodecError(
                 f"preset {self.name}: expected 0 < keep <= 1, 0 <= pca <= 1, 1 <= jpeg_quality <= 100"
@@ -187,6 +207,16 @@ _PRESET_LIST = (
         klt=0.20,
         zstd_level=9,
         doc="all PCA directions, step 0.20 * var^-1/4, CLS fp16, zstd; ~8x",
+    ),
+    *(
+        Preset(
+            f"klt-q{round(q * 100):02d}-ans",
+            "fp16",
+            klt=q,
+            ans=True,
+            doc=f"all PCA directions, step {q:.2f} * var^-1/4, CLS fp16, ANS with the calibration's model",
+        )
+        for q in (0.10, 0.15, 0.20, 0.40)
     ),
 )
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESET_LIST}
@@ -390,14 +420,17 @@ def _encode_hidden(
     return _frame(h, body)
 
 
-def _klt_tables(
-    cal: Calibration | None, cut: int, width: int, what: str
-) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.float32]]:
-    """(mean [width], full basis [width, width], relative steps [width]) for the klt codec at `cut`."""
+_F32 = NDArray[np.float32]
+
+
+def _klt_tables(cal: Calibration | None, cut: int, width: int, what: str) -> tuple[_F32, _F32, _F32, _F32]:
+    """(mean, full basis [width, width], relative steps, variances) for the klt codecs at `cut`; the
+    vectors are [width]."""
     if cal is None:
         raise CodecError(f"{what}: klt needs a Calibration (PCA basis for cut {cut}); none was given")
     mean, basis = _projection(cal, cut, width, width)
-    return mean, basis, cal.klt_steps(cut)
+    rel = cal.klt_steps(cut)  # raises if the variances are missing
+    return mean, basis, rel, cal.variances[cut]
 
 
 def _encode_klt(
@@ -412,7 +445,7 @@ def _encode_klt(
     index: NDArray[np.int64] | None,
 ) -> bytes:
     width, tokens = spec.width, x.shape[0]
-    mean, basis, rel = _klt_tables(calibration, cut, width, f"preset {p.name}")
+    mean, basis, rel, var = _klt_tables(calibration, cut, width, f"preset {p.name}")
     step = np.float32(p.klt) * rel  # [width]
     with np.errstate(over="ignore", invalid="ignore"):
         sym = np.rint(((x[1:] - mean) @ basis) / step)  # [tokens - 1, width]
@@ -421,20 +454,28 @@ def _encode_klt(
             f"hidden: KLT coefficient / step up to {float(np.abs(sym).max()):.3g}, "
             f"expected at most {_KLT_SYM_MAX} (int16 symbols)"
         )
+    flags |= FLAG_KLT
+    n_index = tokens if index is not None else 0
+    parts.append(struct.pack("<f", float(p.klt)))
+    cls = _float_body(x[0], DT_FP16, "hidden (CLS)")
+    if p.ans:
+        stds = entropy.model_stds(var, step)  # [width]
+        k, words = entropy.encode_symbols(sym.astype(np.int32), stds)
+        crc = zlib.crc32(sym.astype("<i2").tobytes())
+        raw = b"".join((*parts, struct.pack("<HI", k, crc), cls, words))
+        h = Header(KIND_HIDDEN, cut, DT_KLTANS, flags, pid, tokens, width, 0, width, n_index, 0, len(raw), 0)
+        return _frame(h, raw)
     s32 = np.ascontiguousarray(sym.T, dtype=np.int32)  # coefficient-major [width, tokens - 1]
     zz = ((s32 << 1) ^ (s32 >> 31)).astype(np.uint16)  # zigzag: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ...
-    parts.append(struct.pack("<f", float(p.klt)))
-    parts.append(_float_body(x[0], DT_FP16, "hidden (CLS)"))
+    parts.append(cls)
     parts.append((zz & 0xFF).astype(np.uint8).tobytes())
     parts.append((zz >> 8).astype(np.uint8).tobytes())
     raw = b"".join(parts)
     body = raw
-    flags |= FLAG_KLT
     if p.zstd:
         packed = zstandard.ZstdCompressor(level=p.zstd_level, write_content_size=True).compress(raw)
         if len(packed) < len(raw):
             body, flags = packed, flags | FLAG_ZSTD
-    n_index = tokens if index is not None else 0
     h = Header(KIND_HIDDEN, cut, DT_KLT16, flags, pid, tokens, width, 0, width, n_index, 0, len(raw), 0)
     return _frame(h, body)
 
@@ -566,14 +607,16 @@ def _decode_hidden(
     if h.flags & ~_ALL_FLAGS:
         raise CodecError(f"header.flags: {h.flags:#x} has unknown bits, expected a subset of {_ALL_FLAGS:#x}")
     pruned, pca, zstd = bool(h.flags & FLAG_PRUNED), bool(h.flags & FLAG_PCA), bool(h.flags & FLAG_ZSTD)
-    klt = h.dtype == DT_KLT16
+    klt = h.dtype in (DT_KLT16, DT_KLTANS)
     if bool(h.flags & FLAG_KLT) != klt:
         raise CodecError(
             f"header.flags: klt flag {'set' if h.flags & FLAG_KLT else 'clear'} with dtype "
-            f"{DTYPE_NAMES[h.dtype]}, expected it set exactly for klt16"
+            f"{DTYPE_NAMES[h.dtype]}, expected it set exactly for klt16/kltans"
         )
     if klt and h.flags & (FLAG_PCA | FLAG_SCALE32):
         raise CodecError(f"header.flags: {h.flags:#x} combines klt with pca/scale32, expected neither")
+    if h.dtype == DT_KLTANS and zstd:
+        raise CodecError(f"header.flags: {h.flags:#x} sets zstd with dtype kltans, expected it clear")
     quant = h.dtype in _QMAX
     if h.flags & FLAG_SCALE32 and not quant:
         raise CodecError(
@@ -592,6 +635,8 @@ def _decode_hidden(
         if tokens < 1:
             raise CodecError(f"header.dim0 (tokens): {tokens}, expected at least 1 (CLS)")
         _expect_fields(h, rank=width)
+        if h.dtype == DT_KLTANS:
+            return _decode_kltans(h, body, spec, tokens, calibration)
         raw_len = 2 * h.n_index + 4 + 2 * width + 2 * (tokens - 1) * width
         _expect_fields(h, raw_len=raw_len)
         raw = _unzstd(body, raw_len) if zstd else body
@@ -665,9 +710,7 @@ def _read_index(raw: bytes, tokens: int, spec: TensorSpec) -> NDArray[np.int64]:
 def _decode_klt(
     raw: bytes, off: int, cut: int, tokens: int, width: int, calibration: Calibration | None
 ) -> NDArray[np.float32]:
-    (q,) = struct.unpack_from("<f", raw, off)
-    if not (np.isfinite(q) and q > 0.0):
-        raise CodecError(f"klt step: {q}, expected a finite value > 0")
+    q = _read_step(raw, off)
     off += 4
     cls = _read_floats(raw, DT_FP16, off, width, "hidden (CLS)")
     off += 2 * width
@@ -679,11 +722,56 @@ def _decode_klt(
         raise CodecError("klt symbols: zigzag code 65535 (-32768) found, expected -32767..32767")
     z32 = zz.astype(np.int32)
     sym = ((z32 >> 1) ^ -(z32 & 1)).reshape(width, tokens - 1)  # [width, tokens - 1]
-    mean, basis, rel = _klt_tables(calibration, cut, width, "header.dtype: klt16")
-    coeffs = sym.T.astype(np.float32) * (np.float32(q) * rel)  # [tokens - 1, width]
-    x = np.empty((tokens, width), np.float32)
+    mean, basis, rel, _ = _klt_tables(calibration, cut, width, "header.dtype: klt16")
+    return _klt_reconstruct(cls, np.ascontiguousarray(sym.T), np.float32(q) * rel, mean, basis)
+
+
+def _decode_kltans(
+    h: Header, body: bytes, spec: TensorSpec, tokens: int, calibration: Calibration | None
+) -> tuple[NDArray[np.float32], NDArray[np.int64] | None]:
+    width = spec.width
+    fixed = 2 * h.n_index + 4 + 2 + 4 + 2 * width  # indices, step, K, crc32, CLS row; ANS words follow
+    if h.raw_len != len(body):
+        raise CodecError(f"header.raw_len: {h.raw_len}, expected {len(body)} (kltans bodies are not zstd)")
+    if len(body) < fixed or (len(body) - fixed) % 4:
+        raise CodecError(
+            f"body: {len(body)} bytes, expected {fixed} + 4 * n (indices, step, K, crc32, CLS, u32 ANS words)"
+        )
+    index = _read_index(body, tokens, spec) if h.n_index else None
+    off = 2 * h.n_index
+    q = _read_step(body, off)
+    k, crc = struct.unpack_from("<HI", body, off + 4)
+    cls = _read_floats(body, DT_FP16, off + 10, width, "hidden (CLS)")
+    mean, basis, rel, var = _klt_tables(calibration, h.cut, width, "header.dtype: kltans")
+    step = np.float32(q) * rel  # [width]
+    stds = entropy.model_stds(var, step)  # [width]
+    sym = entropy.decode_symbols(body[fixed:], k, tokens - 1, stds)  # [tokens - 1, width]
+    if (got := zlib.crc32(sym.astype("<i2").tobytes())) != crc:
+        raise CodecError(
+            f"kltans symbols: crc32 {got:#010x}, expected {crc:#010x} (the ANS model differs from the "
+            "encoder's: same bundle, codec version and float maths needed on both sides)"
+        )
+    return _klt_reconstruct(cls, sym, step, mean, basis), index
+
+
+def _read_step(raw: bytes, off: int) -> float:
+    (q,) = struct.unpack_from("<f", raw, off)
+    if not (np.isfinite(q) and q > 0.0):
+        raise CodecError(f"klt step: {q}, expected a finite value > 0")
+    return float(q)
+
+
+def _klt_reconstruct(
+    cls: NDArray[np.float32],
+    sym: NDArray[np.int32],
+    step: NDArray[np.float32],
+    mean: NDArray[np.float32],
+    basis: NDArray[np.float32],
+) -> NDArray[np.float32]:
+    """Tokens [1 + rows, width] from the CLS row [width] and symbols [rows, width] in the KLT basis."""
+    x = np.empty((1 + sym.shape[0], cls.shape[0]), np.float32)
     x[0] = cls
-    x[1:] = coeffs @ basis.T + mean
+    x[1:] = (sym.astype(np.float32) * step) @ basis.T + mean
     if not np.isfinite(x).all():
         raise CodecError("hidden: decoded values contain NaN or Inf")
     return x

@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -148,7 +149,14 @@ KLT_PRESETS = [
     *(p for p in PRESETS.values() if p.klt > 0),
     Preset("x-klt-prune50", "fp16", zstd=True, keep=0.5, klt=0.3),
     Preset("x-klt-raw", "fp16", klt=0.5),
+    Preset("x-klt-ans-prune50", "fp16", keep=0.5, klt=0.3, ans=True),
 ]
+ANS_PRESETS = [p for p in KLT_PRESETS if p.ans]
+
+
+def klt_coeffs(x: np.ndarray, cut: int) -> np.ndarray:
+    """Patch rows [rows, width] -> coefficients in the full KLT basis (float64)."""
+    return (x.astype(np.float64) - CAL.means[cut]) @ CAL.bases[cut].astype(np.float64)
 
 
 @pytest.mark.parametrize("preset", KLT_PRESETS, ids=lambda p: p.name)
@@ -162,10 +170,15 @@ def test_klt_roundtrip(preset: Preset, x: np.ndarray, cut: int) -> None:
     ref = x if d.token_index is None else x[d.token_index]
     assert d.array.shape == ref.shape and d.array.dtype == np.float32 and d.array.flags.c_contiguous
     np.testing.assert_array_equal(d.array[0], x[0].astype(np.float16).astype(np.float32))  # CLS: fp16
+    if preset.ans:  # kltans: never zstd, the body is stored as is
+        assert h.dtype == 7 and not h.flags & FLAG_ZSTD and h.raw_len == h.body_len
     # orthonormal basis: per-element error <= ||coefficient error||_2 <= ||steps||_2 / 2
     step = preset.klt * CAL.klt_steps(cut).astype(np.float64)
     bound = np.linalg.norm(step) / 2
     assert (np.abs(d.array[1:] - ref[1:]) <= bound * 1.01 + 1e-4 * (1 + np.abs(ref[1:]))).all()
+    # and in the KLT basis every coefficient is within half its own step (slack for fp32 rounding)
+    c_ref, c_got = klt_coeffs(ref[1:], cut), klt_coeffs(d.array[1:], cut)
+    assert (np.abs(c_got - c_ref) <= step / 2 * 1.001 + 1e-4 * (1 + np.abs(c_ref))).all()
 
 
 def test_klt_needs_calibration_with_variances() -> None:
@@ -218,6 +231,123 @@ def test_klt_fields_are_validated() -> None:
         dec(forge(good, dtype=2))
     with pytest.raises(CodecError, match="combines klt"):
         dec(forge(good, flags=h.flags | 4))
+
+
+def _kltans(x: np.ndarray | None = None, preset: str = "klt-q20-ans") -> bytes:
+    if x is None:
+        x = np.random.default_rng(3).normal(size=(SPEC.num_tokens, SPEC.width)).astype(np.float32)
+    return encode(x, cut=2, spec=SPEC, preset=preset, calibration=CAL)
+
+
+_ANS_FIXED = 4 + 2 + 4 + 2 * SPEC.width  # step f32, K u16, symbols crc32, CLS fp16 row; then u32 words
+
+
+def test_kltans_extremes_roundtrip() -> None:
+    step = 0.2 * CAL.klt_steps(2).astype(np.float64)
+    rng = np.random.default_rng(9)
+    c = rng.choice([-1.0, 1.0], size=(SPEC.num_tokens - 1, SPEC.width)) * 32766.6 * step  # |symbol| 32767
+    x = np.vstack([np.zeros(SPEC.width), c @ CAL.bases[2].T.astype(np.float64) + CAL.means[2]])
+    payload = _kltans(x.astype(np.float32))
+    assert int.from_bytes(payload[HEADER_SIZE + 4 : HEADER_SIZE + 6], "little") == 32767  # K
+    d = decode(payload, cut=2, spec=SPEC, calibration=CAL)
+    assert (np.abs(klt_coeffs(d.array[1:], 2) - c) <= step / 2 * 1.001 + 1e-4 * np.abs(c)).all()
+    with pytest.raises(CodecError, match="int16 symbols"):
+        _kltans(x.astype(np.float32) * 3)
+    flat = np.tile(CAL.means[2], (SPEC.num_tokens, 1))  # every patch symbol 0: K = 0 and no ANS words
+    payload = _kltans(flat)
+    assert len(payload) == HEADER_SIZE + _ANS_FIXED
+    np.testing.assert_allclose(
+        decode(payload, cut=2, spec=SPEC, calibration=CAL).array[1:], flat[1:], atol=1e-5
+    )
+
+
+def test_kltans_fields_are_validated() -> None:
+    good = _kltans()
+    h, body = read_header(good), good[HEADER_SIZE:]
+    assert h.dtype == 7 and not h.flags & FLAG_ZSTD and (len(body) - _ANS_FIXED) % 4 == 0
+    words = body[_ANS_FIXED:]
+    assert len(words) >= 8
+    head = body[:_ANS_FIXED]
+
+    def dec(payload: bytes) -> None:
+        decode(payload, cut=2, spec=SPEC, calibration=CAL)
+
+    def with_k(k: int, rest: bytes = words) -> bytes:
+        b = body[:4] + k.to_bytes(2, "little") + body[6:_ANS_FIXED] + rest
+        return forge(good, body=b, raw_len=len(b))
+
+    def with_words(rest: bytes) -> bytes:
+        return forge(good, body=head + rest, raw_len=len(head) + len(rest))
+
+    for payload, match in [
+        (forge(good, body=body + b"\0", raw_len=len(body) + 1), rf"expected {_ANS_FIXED} \+ 4 \* n"),
+        (
+            forge(good, body=body[: _ANS_FIXED - 1], raw_len=_ANS_FIXED - 1),
+            rf"expected {_ANS_FIXED} \+ 4 \* n",
+        ),
+        (forge(good, raw_len=h.raw_len + 4), "header.raw_len"),
+        (forge(good, flags=h.flags | FLAG_ZSTD), "sets zstd with dtype kltans"),
+        (forge(good, flags=h.flags & ~16), "klt flag clear"),
+        (forge(good, rank=3), "header.rank"),
+        (forge(good, body=b"\0\0\0\0" + body[4:]), "klt step: 0.0"),
+        (forge(good, body=np.array([np.nan], "<f4").tobytes() + body[4:]), "klt step: nan"),
+        (forge(good, body=body[:10] + np.array([np.inf], "<f2").tobytes() + body[12:]), "CLS.*NaN or Inf"),
+        (forge(good, body=body[:6] + bytes(b ^ 0xFF for b in body[6:10]) + body[10:]), "crc32"),
+        (with_k(40000), r"ans K: 40000, expected 0..32767"),
+        (with_k(0), "expected none"),
+        (with_k(int.from_bytes(body[4:6], "little") + 1), "."),  # a wider model: other symbols, or K unmet
+        (with_words(b"\x07\0\0\0" + words), "left over"),  # an extra word at the bottom of the stack
+        (with_words(words + b"\0\0\0\0"), "ans words: ValueError"),  # ANS data never ends in a zero word
+        (with_words(words[4:]), "."),
+        (with_words(words[:-4]), "."),
+    ]:
+        with pytest.raises(CodecError, match=match):
+            dec(payload)
+    # the decoder's model rebuilt from (slightly) other floats, as on a platform whose maths differs:
+    # never silently other symbols
+    other = Calibration(CAL.means, CAL.bases, {k: v * np.float32(1.5) for k, v in CAL.variances.items()})
+    with pytest.raises(CodecError):
+        decode(good, cut=2, spec=SPEC, calibration=other)
+    with pytest.raises(CodecError, match="header.dtype: kltans: klt needs a Calibration"):
+        decode(good, cut=2, spec=SPEC)
+    with pytest.raises(CalibrationError, match="no variances"):
+        decode(good, cut=2, spec=SPEC, calibration=Calibration(CAL.means, CAL.bases))
+
+
+def test_kltans_maps_every_coder_exception_to_codec_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import constriction
+
+    from splitclip import entropy
+
+    class PanicException(BaseException):  # what pyo3 raises for a Rust panic
+        pass
+
+    good = _kltans()
+    for exc in (PanicException("boom"), RuntimeError("boom"), KeyError("boom")):
+
+        def raiser(*_: object, e: BaseException = exc) -> None:
+            raise e
+
+        stack = SimpleNamespace(AnsCoder=raiser)
+        fake = SimpleNamespace(stream=SimpleNamespace(stack=stack, model=constriction.stream.model))
+        monkeypatch.setattr(entropy, "_constriction", lambda fake=fake: fake)
+        name = type(exc).__name__
+        with pytest.raises(CodecError, match=f"ans words: {name}"):
+            decode(good, cut=2, spec=SPEC, calibration=CAL)
+        with pytest.raises(CodecError, match=f"ans encode: {name}"):
+            _kltans()
+    stack = SimpleNamespace(AnsCoder=lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    fake = SimpleNamespace(stream=SimpleNamespace(stack=stack, model=constriction.stream.model))
+    monkeypatch.setattr(entropy, "_constriction", lambda: fake)
+    with pytest.raises(KeyboardInterrupt):
+        decode(good, cut=2, spec=SPEC, calibration=CAL)
+
+
+def test_ans_presets_need_klt_and_no_zstd() -> None:
+    with pytest.raises(CodecError, match="ans needs klt > 0"):
+        Preset("bad", "fp16", ans=True)
+    with pytest.raises(CodecError, match="replaces zstd"):
+        Preset("bad", "fp16", klt=0.1, zstd=True, ans=True)
 
 
 @pytest.mark.parametrize(
@@ -324,6 +454,8 @@ def test_sizes_shrink_as_expected() -> None:
     assert size["int4-prune50-zstd"] < size["int4-zstd"]
     assert size["pca12-int8-zstd"] < size["pca25-int8-zstd"] < size["int8-zstd"]
     assert size["klt-q20-zstd"] < size["klt-q10-zstd"]
+    assert size["klt-q40-ans"] < size["klt-q20-ans"] < size["klt-q15-ans"] < size["klt-q10-ans"]
+    assert size["klt-q10-ans"] < size["klt-q10-zstd"] and size["klt-q20-ans"] < size["klt-q20-zstd"]
 
 
 # ------------------------------------------------------------------------------- strict validation
@@ -505,7 +637,12 @@ def test_get_preset_lists_known_names() -> None:
     assert get_preset("int8") is PRESETS["int8"]
     with pytest.raises(CodecError, match="unknown 'nope', expected one of lossless, fp16"):
         get_preset("nope")
-    assert len(PRESETS) <= 12 and all(p.jpeg_quality == 90 for p in PRESETS.values())
+    assert len(PRESETS) <= 16 and all(p.jpeg_quality == 90 for p in PRESETS.values())
+    # header preset id = position + 1: the list is append-only
+    assert list(PRESETS)[:12] == [
+        "lossless", "fp16", "int8", "int8-zstd", "int4-zstd", "int8-prune50-zstd", "int4-prune50-zstd",
+        "pca25-int8-zstd", "pca12-int8-zstd", "pca25-int4-zstd", "klt-q10-zstd", "klt-q20-zstd",
+    ]  # fmt: skip
 
 
 def test_from_manifest() -> None:

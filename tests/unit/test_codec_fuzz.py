@@ -51,7 +51,9 @@ COMBOS = [
     Preset("x-fp32-prune70", "fp32", keep=0.7, zstd=True),
     Preset("x-klt-prune50", "fp16", zstd=True, keep=0.5, klt=0.3),
     Preset("x-klt-raw", "fp16", klt=0.5),
+    Preset("x-kltans-prune50", "fp16", keep=0.5, klt=0.3, ans=True),
 ]
+DT_KLTANS = 7
 HEADER_FIELDS = [f.name for f in fields(Header)]
 FIELD_BITS = {"kind": 8, "dtype": 8, "flags": 8, "preset_id": 8, "cut": 16}
 
@@ -120,6 +122,8 @@ def _mutate(r: random.Random, payload: bytes) -> bytes:
         h = read_header(payload)
     except CodecError:  # an earlier round broke the header: keep flipping bits
         return _flip(r, payload, r.randint(1, 8))
+    if h.dtype == DT_KLTANS and r.random() < 0.3:
+        return _mutate_kltans(r, payload, h, body)
     op = r.randrange(11)
     if op == 0:  # raw bit flips: mostly caught by the crc
         return _flip(r, payload, r.randint(1, 8))
@@ -156,6 +160,31 @@ def _mutate(r: random.Random, payload: bytes) -> bytes:
     # a plausible header with a random body and a correct crc
     fake = Header(**{n: _field_value(r, n, 0) for n in HEADER_FIELDS[:-2]}, body_len=len(body))
     return _refresh(fake, body)
+
+
+def _mutate_kltans(r: random.Random, payload: bytes, h: Header, body: bytes) -> bytes:
+    """Edits that keep a kltans body well-formed in length, so they reach the ANS decoder."""
+    fixed = 2 * h.n_index + 4 + 2 + 2 * SPEC.width
+    if len(body) < fixed:
+        return _forge(payload, _flip(r, body, 1))
+    head, words = bytearray(body[:fixed]), body[fixed:]
+    op = r.randrange(6)
+    if op == 0:  # another K
+        k = r.choice([0, 1, 2, 32767, 32768, 65535, r.randrange(65536)])
+        head[fixed - 2 * SPEC.width - 2 : fixed - 2 * SPEC.width] = k.to_bytes(2, "little")
+    elif op == 1:  # a word less, at either end
+        words = words[4:] if r.random() < 0.5 else words[:-4]
+    elif op == 2:  # a random word more, at either end
+        w = r.randbytes(4)
+        words = w + words if r.random() < 0.5 else words + w
+    elif op == 3:  # random words of the same count
+        words = r.randbytes(len(words))
+    elif op == 4:  # bit flips in the words only
+        words = _flip(r, words, r.randint(1, 3))
+    else:  # another step: the decoder's model no longer matches the encoder's
+        head[2 * h.n_index : 2 * h.n_index + 4] = struct.pack("<f", r.choice([0.01, 0.2, 1.0, 1e-30, 1e30]))
+    b = bytes(head) + words
+    return _forge(payload, b, raw_len=len(b))
 
 
 def _check(d: Decoded, cut: int, spec: TensorSpec) -> None:
