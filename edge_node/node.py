@@ -114,7 +114,7 @@ class EdgeNode:
         self.preset = codec.get_preset(s.codec)
         self.spec = codec.TensorSpec.from_manifest(m)
         self.calibration = None
-        if self.preset.pca > 0 or self.preset.klt > 0:  # PCA / KLT presets code in the bundle's basis
+        if self.preset.needs_calibration:
             if not self.bundle.has("calibration.npz"):
                 raise ValueError(f"codec {self.preset.name} needs calibration.npz, which this bundle lacks")
             self.calibration = codec.Calibration.load(self.bundle.path("calibration.npz"))
@@ -283,6 +283,8 @@ class EdgeNode:
 
     def _current_stream(self) -> FrameStream[_Ticket] | None:
         with self._stream_lock:
+            if self._closed.is_set():  # never open a stream that close() would not see
+                return None
             if self._stream is not None and not self._stream.alive:
                 self._retire(self._stream)
                 self._stream = None
@@ -362,8 +364,9 @@ class EdgeNode:
     def _drop_stream(self, why: str) -> None:
         with self._stream_lock:
             stream, self._stream = self._stream, None
+            if stream is not None:
+                self._track(stream)  # under the lock: a close() right now must see it
         if stream is not None:
-            self._track(stream)
             # on a stream thread: abort from another thread so we never join ourselves
             threading.Thread(target=self._abort_stream, args=(stream, why), daemon=True).start()
 

@@ -166,6 +166,11 @@ class Preset:
             )
 
     @property
+    def needs_calibration(self) -> bool:
+        """PCA / KLT presets code in the bundle's per-cut basis (calibration.npz) on both sides."""
+        return self.pca > 0.0 or self.klt > 0.0
+
+    @property
     def lossless(self) -> bool:
         return self.dtype == "fp32" and self.keep >= 1.0 and self.pca <= 0.0 and self.klt <= 0.0
 
