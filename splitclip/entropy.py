@@ -8,7 +8,7 @@ whatever the calibration says; a poorly matched model only costs bytes.
 
 Measured on demo-model activations (300 frames not used for calibration, cuts 1-3, steps 0.1-0.3): the
 Gaussian beats a Laplace by ~1% of the bytes, scaling the std by 0.9-1.1 changes nothing worth having
-(1.0 is best), and the coded size is within ~1% of the per-direction empirical (oracle) entropy.
+(1.0 is best), and the coded size is within ~0.5% of the per-direction empirical (oracle) entropy.
 """
 
 from __future__ import annotations

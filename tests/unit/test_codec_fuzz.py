@@ -164,14 +164,15 @@ def _mutate(r: random.Random, payload: bytes) -> bytes:
 
 def _mutate_kltans(r: random.Random, payload: bytes, h: Header, body: bytes) -> bytes:
     """Edits that keep a kltans body well-formed in length, so they reach the ANS decoder."""
-    fixed = 2 * h.n_index + 4 + 2 + 2 * SPEC.width
+    k_off = 2 * h.n_index + 4  # after the indices and the step
+    fixed = k_off + 2 + 4 + 2 * SPEC.width  # K u16, symbols crc32, CLS fp16 row; then the ANS words
     if len(body) < fixed:
         return _forge(payload, _flip(r, body, 1))
     head, words = bytearray(body[:fixed]), body[fixed:]
     op = r.randrange(6)
     if op == 0:  # another K
         k = r.choice([0, 1, 2, 32767, 32768, 65535, r.randrange(65536)])
-        head[fixed - 2 * SPEC.width - 2 : fixed - 2 * SPEC.width] = k.to_bytes(2, "little")
+        head[k_off : k_off + 2] = k.to_bytes(2, "little")
     elif op == 1:  # a word less, at either end
         words = words[4:] if r.random() < 0.5 else words[:-4]
     elif op == 2:  # a random word more, at either end
