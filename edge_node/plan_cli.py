@@ -8,18 +8,21 @@ import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PRESETS = "fp16,int8-zstd,klt-q10-zstd"  # >= 99 % top-1 agreement at cut L/2 (docs/bench_codecs.md)
+# >= 99 % top-1 agreement at cut L/2 on the demo model (docs/bench_codecs.md)
+DEFAULT_PRESETS = "fp16,int8-zstd,klt-q10-zstd,klt-q10-ans"
 
 DESCRIPTION = """\
 Which cut k and codec preset answer a frame soonest from this device, for each link bandwidth.
 
 Times every vision stage here with ONNX Runtime (batch 1), encodes real frames of the sample
 images at every cut with each preset, and models the rest:
-  edge stages[0:k] + encode + bytes/bandwidth + rtt + (decode + stages[k:L] + head) / cloud speed-up.
+  preprocess + edge stages[0:k] + encode + frame bytes / bandwidth + rtt
+  + (decode + stages[k:L] + head) / cloud speed-up
 k = 0 uploads the image, k = L the embedding, and "local" is full local inference (no network).
-Text embeddings are cached on both sides and not counted. Agreement of each preset with the unsplit
-model is in docs/bench_codecs.md (`splitclip bench codecs`); the defaults keep >= 99 % at cut L/2.
-Use the chosen plan with `splitclip edge classify --cut K --codec PRESET`."""
+Frame bytes are the whole gRPC Frame, prompts included (--labels / --prompt: the ones you will
+send). Text encoding is not counted (cached on both sides). Agreement of each preset with the
+unsplit model is in docs/bench_codecs.md (`splitclip bench codecs`); the defaults keep >= 99 %
+at cut L/2 there. Use the chosen plan with `splitclip edge classify --cut K --codec PRESET`."""
 
 
 def build_parser(p: argparse.ArgumentParser) -> None:
@@ -29,6 +32,9 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--images", type=Path, nargs="+", help="sample images or directories (default: models/samples)"
     )
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--labels", type=Path, metavar="FILE", help="prompts the frames carry, one per line")
+    what.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT", help="a prompt (repeat)")
     p.add_argument(
         "--codecs", default=DEFAULT_PRESETS, help=f"comma-separated presets (default {DEFAULT_PRESETS})"
     )
@@ -62,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from edge_node.cli import expand_paths
     from splitclip import codec
     from splitclip.bundle import BundleError, load_bundle
+    from splitclip.classify import read_labels
     from splitclip.runtime import BundleRuntime
 
     bandwidths = _bandwidths(args.mbps)
@@ -76,15 +83,24 @@ def run(args: argparse.Namespace) -> int:
         bundle = load_bundle(bundle_dir)
     except BundleError as e:
         raise SystemExit(f"error: {e}") from None
-    images = expand_paths(args.images or [ROOT / "models" / "samples"])
+    need = [c for c in presets if codec.get_preset(c).needs_calibration]
+    if need and not bundle.has("calibration.npz"):
+        raise SystemExit(
+            f"error: preset(s) {need} need the bundle's calibration.npz, which {bundle_dir} lacks"
+        )
+    sources = args.images or [ROOT / "models" / "samples"]
+    images = expand_paths(sources)
     missing = [str(p) for p in images if not p.is_file()]
-    if missing or not images:
-        raise SystemExit(f"error: no such image(s): {missing or args.images}")
+    if missing:
+        raise SystemExit(f"error: no such image(s): {missing}")
+    if not images:
+        raise SystemExit(f"error: no images found in {[str(p) for p in sources]}")
+    prompts = args.prompts or (read_labels(args.labels) if args.labels else [])
 
     rt = BundleRuntime(bundle)
     print(f"profiling {bundle.manifest.bundle_id} ({rt.num_blocks} blocks) on this device ...", flush=True)
     prof = planner.profile_stages(rt, images[0], args.repeats)
-    costs = planner.frame_costs(rt, bundle, images, presets)
+    costs = planner.frame_costs(rt, bundle, images, presets, prompts=prompts)
 
     L = rt.num_blocks
     names = ["embed", *[f"block {i}" for i in range(L)], "head"]
@@ -94,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"full local inference: {prof.edge_ms(planner.LOCAL):.2f} ms per frame")
 
-    print(f"\nbytes per frame (median over {len(images)} images):")
+    print(f"\ngRPC frame bytes (median over {len(images)} images; {len(prompts)} prompts in each frame):")
     print("| cut | " + " | ".join(presets) + " |")
     print("|---:|" + "---:|" * len(presets))
     by = {(c.cut, c.preset): c for c in costs}
@@ -110,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     best_lines = []
     for mbps in bandwidths:
         plans = planner.plan(prof, costs, mbps=mbps, rtt_ms=args.rtt_ms, cloud_speedup=args.cloud_speedup)
-        report["plans"][str(mbps)] = [planner.as_dict(p) for p in plans]  # type: ignore[index]
+        report["plans"][f"{mbps:g}"] = [planner.as_dict(p) for p in plans]  # type: ignore[index]
         print(f"\n{mbps:g} Mbit/s, rtt {args.rtt_ms:g} ms, cloud {args.cloud_speedup:g}x this device:")
         print("| plan | bytes | edge ms | upload ms | cloud ms | total ms |")
         print("|---|---:|---:|---:|---:|---:|")

@@ -9,11 +9,13 @@ The planner measures what it can on this device and models the rest (Neurosurgeo
                          + (decode + cloud stages[k:L] + head) / cloud_speedup
 
 * stage times: each vision stage (embed, every block, head) timed with ONNX Runtime at batch 1 here;
-* bytes and codec times: real frames, encoded from the activations of sample images at every cut;
+* bytes and codec times: real frames, encoded from the activations of sample images at every cut,
+  counted as the serialised gRPC Frame (payload, ids, codec name and the prompts it carries);
 * the cloud runs the same stages `cloud_speedup` times faster than this device (1 = same hardware);
 * k = 0 uploads the image (JPEG or PNG, from the preset), k = L the embedding; "local" answers with
   no network at all (full local inference, what the node does offline).
-Text embeddings are cached on both sides and left out; so is queueing in the cloud.
+Text encoding is left out (embeddings are cached on both sides; the prompt strings are in the bytes),
+and so is queueing in the cloud.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from splitclip import codec
 from splitclip.bundle import Bundle
 from splitclip.preprocess import ImageLike, normalize, to_model_input
 from splitclip.runtime import BundleRuntime
+from splitclip.wire import pb
 
 LOCAL = -1  # the cut value of the "answer locally" plan
 
@@ -73,9 +76,10 @@ class FrameCost:
 
     cut: int
     preset: str
-    bytes: int
+    bytes: int  # the serialised Frame (payload + ids + prompts)
     encode_ms: float
     decode_ms: float
+    payload_bytes: int = 0  # the codec's payload alone
 
 
 @dataclass(frozen=True)
@@ -125,8 +129,10 @@ def frame_costs(
     images: Sequence[ImageLike],
     presets: Sequence[str],
     cuts: Sequence[int] | None = None,
+    prompts: Sequence[str] = (),
 ) -> list[FrameCost]:
-    """Encode the tensor each sample image gives at every cut with every preset (real frames)."""
+    """Encode the tensor each sample image gives at every cut with every preset. `bytes` is the whole
+    serialised gRPC Frame the edge sends: payload plus ids, codec name and the `prompts`."""
     spec = codec.TensorSpec.from_manifest(rt.manifest)
     cal = codec.Calibration.load(bundle.path("calibration.npz")) if bundle.has("calibration.npz") else None
     cfg = rt.preprocess_config
@@ -146,18 +152,24 @@ def frame_costs(
     for k in cuts:
         for name in presets:
             preset = codec.get_preset(name)
-            sizes, enc, dec = [], [], []
+            sizes, payloads, enc, dec = [], [], [], []
+            # one untimed round trip: first-call costs (lazy imports, basis caches) are not per frame
+            codec.decode(codec.encode(wires[k][0], cut=k, spec=spec, preset=preset, calibration=cal),
+                         cut=k, spec=spec, calibration=cal)  # fmt: skip
             for x in wires[k]:
                 t0 = time.perf_counter()
                 payload = codec.encode(x, cut=k, spec=spec, preset=preset, calibration=cal)
                 t1 = time.perf_counter()
                 codec.decode(payload, cut=k, spec=spec, calibration=cal)
                 t2 = time.perf_counter()
-                sizes.append(len(payload))
+                frame = pb.Frame(node_id="edge-0000", frame_id=1 << 20, bundle_id=rt.manifest.bundle_id,
+                                 cut=k, codec=name, payload=payload, prompts=list(prompts), top_k=5)  # fmt: skip
+                sizes.append(frame.ByteSize())
+                payloads.append(len(payload))
                 enc.append((t1 - t0) * 1e3)
                 dec.append((t2 - t1) * 1e3)
             med = statistics.median
-            out.append(FrameCost(k, name, int(med(sizes)), med(enc), med(dec)))
+            out.append(FrameCost(k, name, int(med(sizes)), med(enc), med(dec), int(med(payloads))))
     return out
 
 
@@ -175,12 +187,12 @@ def plan(
             f"expected mbps > 0, rtt_ms >= 0, cloud_speedup > 0; got {mbps}, {rtt_ms}, {cloud_speedup}"
         )
     plans = [Plan(LOCAL, "", 0, profile.edge_ms(LOCAL), 0.0, 0.0, profile.edge_ms(LOCAL))]
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple[int, int]] = set()  # (cut, payload bytes) of image / embedding plans kept
     for c in costs:
         if c.cut in (0, profile.num_blocks):  # image / embedding: presets often give the same frame
-            if (c.cut, c.bytes) in seen:
+            if (c.cut, c.payload_bytes) in seen:
                 continue
-            seen.add((c.cut, c.bytes))
+            seen.add((c.cut, c.payload_bytes))
         edge = profile.edge_ms(c.cut) + c.encode_ms
         upload = c.bytes * 8 / (mbps * 1e3) + rtt_ms  # bits / (bits per ms)
         cloud = (c.decode_ms + profile.cloud_ms(c.cut)) / cloud_speedup

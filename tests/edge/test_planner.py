@@ -35,9 +35,10 @@ def test_the_tower_is_split_between_edge_and_cloud_at_every_cut() -> None:
 
 
 def costs(inner_bytes: int) -> list[FrameCost]:
-    out = [FrameCost(0, "int8-zstd", 2_000, 0.3, 0.3), FrameCost(0, "fp16", 2_000, 0.3, 0.3)]
-    out += [FrameCost(k, "int8-zstd", inner_bytes, 0.2, 0.1) for k in (1, 2)]
-    return [*out, FrameCost(3, "int8-zstd", 600, 0.0, 0.0), FrameCost(3, "fp16", 600, 0.0, 0.0)]
+    # at cuts 0 and L the payload is the same whatever the preset; the Frame differs by the codec name
+    out = [FrameCost(0, "int8-zstd", 2_009, 0.3, 0.3, 1_980), FrameCost(0, "fp16", 2_004, 0.3, 0.3, 1_980)]
+    out += [FrameCost(k, "int8-zstd", inner_bytes, 0.2, 0.1, inner_bytes - 30) for k in (1, 2)]
+    return [*out, FrameCost(3, "int8-zstd", 609, 0.0, 0.0, 580), FrameCost(3, "fp16", 604, 0.0, 0.0, 580)]
 
 
 def test_plans_follow_the_link_and_the_cloud() -> None:
@@ -72,7 +73,11 @@ def test_frame_costs_are_real_frames(bundle: Path, images: list[np.ndarray]) -> 
     got = {(c.cut, c.preset): c for c in planner.frame_costs(rt, b, images[:3], ["lossless", "int8-zstd"])}
     L = rt.num_blocks
     assert set(got) == {(k, p) for k in range(L + 1) for p in ("lossless", "int8-zstd")}
-    assert got[1, "lossless"].bytes == HEADER_SIZE + v.num_tokens * v.width * 4  # fp32 [tokens, width]
+    payload = HEADER_SIZE + v.num_tokens * v.width * 4  # fp32 [tokens, width]
+    assert payload < got[1, "lossless"].bytes < payload + 100  # the whole Frame: + ids and codec name
+    prompts = ["a photo of a cat with a very long description"] * 10
+    with_prompts = planner.frame_costs(rt, b, images[:1], ["lossless"], cuts=[1], prompts=prompts)[0]
+    assert with_prompts.bytes >= got[1, "lossless"].bytes + sum(map(len, prompts))
     assert got[1, "int8-zstd"].bytes < got[1, "lossless"].bytes
     assert got[L, "lossless"].bytes < got[1, "lossless"].bytes  # the embedding
     prof = planner.profile_stages(rt, images[0], repeats=2)
@@ -86,21 +91,30 @@ def run_plan(*args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_edge_plan_command(bundle: Path, tmp_path: Path) -> None:
+def test_edge_plan_command(bundle: Path, tiny_clip_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "plan.json"
     res = run_plan("--bundle", str(bundle), "--mbps", "0.01,1000", "--cloud-speedup", "50",
                    "--rtt-ms", "1", "--repeats", "2", "--json", str(out))  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert "best plan per bandwidth" in res.stdout
     report = json.loads(out.read_text())
-    assert set(report["plans"]) == {"0.01", "1000.0"}
+    assert set(report["plans"]) == {"0.01", "1000"}
     assert report["plans"]["0.01"][0]["label"] == "local"  # 10 kbit/s: never worth the link
-    assert {p["cut"] for p in report["plans"]["1000.0"]} == {LOCAL, 0, 1, 2, 3}  # tiny bundle: 3 blocks
+    assert {p["cut"] for p in report["plans"]["1000"]} == {LOCAL, 0, 1, 2, 3}  # tiny bundle: 3 blocks
     assert res.stdout.count("Mbit/s:") == 2  # one best plan per bandwidth
 
     bad = run_plan("--bundle", str(bundle), "--codecs", "int8-zstd,nope")
     assert bad.returncode != 0 and "unknown codec preset" in bad.stderr and "nope" in bad.stderr
     bad = run_plan("--bundle", str(bundle), "--mbps", "fast")
     assert bad.returncode != 0 and "--mbps" in bad.stderr
+    from partitioner.export import partition
+
+    uncalibrated = tmp_path / "nocal"
+    partition(tiny_clip_dir, uncalibrated, calibration_images=0, progress=False)
+    bad = run_plan("--bundle", str(uncalibrated))  # the default presets include KLT ones
+    assert bad.returncode != 0 and "calibration.npz" in bad.stderr, bad.stderr
+    ok = run_plan("--bundle", str(uncalibrated), "--codecs", "int8-zstd", "--repeats", "1", "--labels",
+                  str(ROOT / "models" / "demo-labels.txt"))  # fmt: skip
+    assert ok.returncode == 0 and "48 prompts in each frame" in ok.stdout, ok.stderr
     bad = run_plan("--bundle", str(tmp_path / "missing"))
     assert bad.returncode != 0 and "error:" in bad.stderr
