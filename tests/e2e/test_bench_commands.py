@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,12 @@ def splitclip(*args: str, timeout: float = 600) -> str:
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def table_rows(md: str) -> list[list[str]]:
@@ -60,6 +67,7 @@ def test_bench_cloud_prints_the_comparison(tiny_bundle_dir: Path, tmp_path: Path
     stdout = splitclip(
         "bench", "cloud", "--bundle", str(tiny_bundle_dir), "--cut", "1", "--clients", "2",
         "--duration", "1", "--repeat", "1", "--warmup", "0.5", "--no-stream", "--out", str(report),
+        "--grpc-port", str(free_port()), "--http-port", str(free_port()),  # a running cloud may hold 9000
     )  # fmt: skip
     md = report.read_text()
     names = [r[0] for r in table_rows(md)]
