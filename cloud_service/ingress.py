@@ -90,6 +90,7 @@ class Ingress:
             else None
         )
         self.limits = codec.Limits(max_payload_bytes=self.s.max_payload_bytes)
+        _warn_if_the_proxy_hop_is_smaller(self.s.max_payload_bytes)
         # Sessions are lazy: this runtime only validates prompts, with the service's limits.
         self.prompt_check = BundleRuntime(
             self.bundle, prompt_limits=PromptLimits(self.s.max_prompts, self.s.max_prompt_chars)
@@ -421,3 +422,18 @@ def _refuse(grpc_context: Any, e: errors.ServiceError, empty: Any) -> Any:
         raise e
     _set_status(grpc_context, e)
     return empty
+
+
+def _warn_if_the_proxy_hop_is_smaller(max_payload_bytes: int) -> None:
+    """With the proxy -> ingress hop over gRPC, that hop's receive limit must exceed our own payload
+    limit, or frames between the two get gRPC's INTERNAL instead of our RESOURCE_EXHAUSTED."""
+    if os.environ.get("RAY_SERVE_PROXY_USE_GRPC") != "1":
+        return
+    hop = int(os.environ.get("RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH", 4 << 20))
+    if max_payload_bytes + (64 << 10) > hop:  # the Frame's other fields and Serve's wrapping
+        log.warning(
+            "max_payload_bytes %d is not below RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH %d (less 64 KiB): "
+            "frames near the limit will fail in the proxy -> ingress hop with INTERNAL; raise that variable",
+            max_payload_bytes,
+            hop,
+        )

@@ -4,6 +4,7 @@ degradation against a real Valkey, the token check, and the deploy manifests (of
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import jsonschema
@@ -194,3 +195,18 @@ def test_rayservice_containers_carry_the_local_ray_and_serve_environment():
         for c in g["template"]["spec"]["containers"]:
             env = {e["name"]: e["value"] for e in c.get("env", [])}
             assert {k: env.get(k) for k in want} == want, c["name"]
+
+
+def test_a_payload_limit_above_the_proxy_hop_limit_is_warned_about(monkeypatch, caplog) -> None:
+    from cloud_service.ingress import _warn_if_the_proxy_hop_is_smaller
+
+    monkeypatch.setenv("RAY_SERVE_PROXY_USE_GRPC", "1")
+    monkeypatch.setenv("RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH", str(4 << 20))
+    with caplog.at_level(logging.WARNING, logger="splitclip.cloud.ingress"):
+        _warn_if_the_proxy_hop_is_smaller(4 << 20)
+        assert "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH" in caplog.text
+        caplog.clear()
+        _warn_if_the_proxy_hop_is_smaller(1 << 20)
+        monkeypatch.setenv("RAY_SERVE_PROXY_USE_GRPC", "0")  # actor calls: no such limit
+        _warn_if_the_proxy_hop_is_smaller(64 << 20)
+        assert caplog.text == ""
