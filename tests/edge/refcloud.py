@@ -28,7 +28,7 @@ from splitclip.wire import pb, pb_grpc
 class Faults:
     delay_s: float = 0.0  # before answering each frame
     delay_frames: set[int] = field(default_factory=set)  # only these frame ids are delayed (empty = all)
-    cut_stream_after: int | None = None  # abort a stream with UNAVAILABLE after this many frames
+    cut_stream_after: int | None = None  # abort a stream with UNAVAILABLE once this many are answered
     error_frames: dict[int, str] = field(default_factory=dict)  # frame_id -> error code in the Result
     unary_codes: list[grpc.StatusCode] = field(default_factory=list)  # Classify fails with these first
 
@@ -148,6 +148,9 @@ class RefCloud(pb_grpc.SplitClipServicer):
                     with self._lock:
                         self.frames += 1
                     if self.faults.cut_stream_after is not None and n > self.faults.cut_stream_after:
+                        # answer the first N frames before the drop, so what the test counts does not
+                        # depend on how fast this machine is; frame N+1 onwards are in flight and lost
+                        pool.shutdown(wait=True)
                         out.put(_CUT)
                         return
                     pool.submit(work, f)
