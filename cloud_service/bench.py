@@ -150,6 +150,27 @@ def raw_tail(
     return p
 
 
+async def wait_answering(address: str, frame: Any, timeout_s: float = 120.0) -> None:
+    """Until one Classify is answered: a fresh deploy can be RUNNING before its proxy routes to it,
+    and a client in `drive` stops at its first error."""
+    import grpc
+
+    from cloud_service.client import CHANNEL_OPTIONS
+    from cloud_service.grpc_api import pb_grpc
+
+    deadline = time.monotonic() + timeout_s
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = pb_grpc.SplitClipStub(channel)
+        while True:
+            try:
+                await stub.Classify(frame, timeout=30)
+                return
+            except grpc.aio.AioRpcError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+
 async def drive(
     address: str, frames: list[Any], clients: int, warmup: float, duration: float, repeat: int,
     name: str, stream: bool = False,
@@ -300,6 +321,7 @@ def run(args: argparse.Namespace) -> int:
             overrides = {"bundle": bundle, "redis_url": redis.url, "max_batch_size": max_batch_size,
                          "batch_wait_s": wait, "tail_threads": threads}  # fmt: skip
             launch.deploy(launch.with_overrides(base, args=overrides))
+            asyncio.run(wait_answering(address, frames[0]))
 
         def point(c: int, name: str, stream: bool = False) -> Point:
             p = asyncio.run(drive(address, frames, c, args.warmup, args.duration, args.repeat, name, stream))

@@ -45,6 +45,13 @@ SERVE_ENV: dict[str, str] = {
 }
 
 
+# Only for the local, single-box Ray that init_ray starts (`splitclip cloud`, the bench, the tests):
+# Serve kills a proxy that is not ready within 5 s three times in a row, and on a loaded 2-core box
+# the proxy worker can take longer than that to start (reproduced with 4 CPU hogs: `ActorDiedError:
+# ProxyActor ... killed by ray.kill`).
+LOCAL_ENV: dict[str, str] = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
+
+
 def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
     """`ray.init` for a local cluster with the service's Ray system config and Serve environment
     (anything already set in the environment wins)."""
@@ -52,7 +59,7 @@ def init_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
 
     import ray
 
-    for k, v in SERVE_ENV.items():
+    for k, v in {**SERVE_ENV, **LOCAL_ENV}.items():
         os.environ.setdefault(k, v)
     system = {k: v for k, v in RAY_SYSTEM_CONFIG.items() if f"RAY_{k}" not in os.environ}
     ray.init(num_cpus=num_cpus, include_dashboard=False, _system_config=system or None, **kwargs)
