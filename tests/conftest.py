@@ -13,6 +13,9 @@ SAMPLES = ROOT / "models" / "samples"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# a loaded CI box can start Serve's proxy slower than Serve's 5 s readiness check allows
+# (cloud_service.launch sets the same for its own local Ray; subprocesses inherit this)
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 
 
 @pytest.fixture(scope="session")

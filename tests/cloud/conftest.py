@@ -64,6 +64,7 @@ def cloud(tiny_bundle_dir: Path, redis_server) -> Iterator[Cloud]:
                 "batch_wait_s": 0.02,  # generous, so that batching is observable on a loaded 2-core box
                 "max_payload_bytes": 256 * 1024,
                 "redis_retry_s": 0.2,
+                "redis_timeout_s": 2.0,  # a stalled box must not count as Redis down (a killed one refuses at once)
                 "max_prompts": 8,
                 "max_prompt_chars": 60,
             },

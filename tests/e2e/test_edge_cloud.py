@@ -18,11 +18,31 @@ from edge_node.cloudproc import CloudProcess, session_members
 from edge_node.node import EdgeNode
 from edge_node.results import EdgeResult
 from splitclip import codec
-from splitclip.bundle import write_manifest
+from splitclip.bundle import load_bundle, write_manifest
 
 TOKEN = "e2e-node-token"
 PROMPTS = ["a photo of a cat", "a photo of a dog", "red circle", "blue square"]
 FAST = {"probe_interval_s": 0.25, "probe_max_s": 1.0, "hello_timeout_s": 3.0, "node_token": TOKEN}
+
+
+def wait_answering(c: CloudProcess, bundle_id: str, timeout_s: float = 120.0) -> None:
+    """Until the cloud answers a Hello through Serve's proxy: "gRPC on" is printed when the app is
+    RUNNING, which can be before the proxy routes to it on a loaded box. Test clocks start after this."""
+    import grpc
+
+    from cloud_service.client import CloudClient
+    from splitclip.wire import pb
+
+    deadline = time.monotonic() + timeout_s
+    with CloudClient(c.address, TOKEN, timeout_s=10) as client:
+        while True:
+            try:
+                client.hello(pb.HelloRequest(node_id="e2e-probe", bundle_id=bundle_id))
+                return
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.25)
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +50,7 @@ def cloud(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     log = tmp_path_factory.mktemp("cloud") / "cloud.log"
     c = CloudProcess(tiny_bundle_dir, log_path=log, env={"SPLITCLIP_NODE_TOKEN": TOKEN})
     c.start()
+    wait_answering(c, load_bundle(tiny_bundle_dir).manifest.bundle_id)
     yield c
     sid = c.proc.pid if c.proc else None
     c.stop()
@@ -152,6 +173,7 @@ def test_cloud_death_mid_run_answers_every_frame_once_then_split_mode_returns(
         )
 
         cloud.start()
+        wait_answering(cloud, node.bundle_id)
         back = time.monotonic()
         while True:
             r = node.classify(images[0], PROMPTS)

