@@ -3,20 +3,15 @@ deploy/serve_config.yaml, and a real gRPC client over a socket."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from edge_node.cloudproc import free_port
+
 TOKEN = "test-node-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

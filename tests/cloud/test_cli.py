@@ -13,8 +13,8 @@ from pathlib import Path
 
 from cloud_service.client import CloudClient
 from cloud_service.grpc_api import pb
+from edge_node.cloudproc import free_port
 from splitclip.bundle import load_bundle
-from tests.cloud.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

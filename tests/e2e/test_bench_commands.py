@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from edge_node.cloudproc import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,12 +22,6 @@ def splitclip(*args: str, timeout: float = 600) -> str:
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def table_rows(md: str) -> list[list[str]]:
