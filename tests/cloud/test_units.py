@@ -12,14 +12,16 @@ import numpy as np
 import pytest
 import yaml
 
-from cloud_service.cache import PromptCache, RedisStore, normalise_prompt, prompt_key, prompt_set_id
+from cloud_service.cache import PromptCache, RedisStore, prompt_key
 from cloud_service.ingress import token_from_metadata
-from cloud_service.scoring import average_templates, expand_templates, score
+from cloud_service.scoring import score
 from cloud_service.settings import CloudSettings, SettingsError
-from splitclip.runtime import BundleRuntime, zero_shot_probs
+from splitclip.prompts import PromptSet, average_templates, normalise, zero_shot_probs
+from splitclip.runtime import BundleRuntime
+from splitclip.tower import Tower
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMA = ROOT.parent / "shared" / "schemas" / "ray.io_rayservices.yaml"
+SCHEMA = ROOT / "tests" / "fixtures" / "kuberay" / "ray.io_rayservices.yaml"  # vendored, see its README
 K8S = ROOT / "deploy" / "k8s"
 
 
@@ -52,13 +54,13 @@ def test_token_from_metadata():
 
 
 def test_templates_expand_label_major_and_average_renormalises():
-    assert expand_templates(["cat", "dog"], ["a {}", "the {} {x}"]) == [
+    assert PromptSet(("cat", "dog"), ("a {}", "the {} here")).texts() == [
         "a cat",
-        "the cat {x}",
+        "the cat here",
         "a dog",
-        "the dog {x}",
+        "the dog here",
     ]
-    assert expand_templates(["cat"], []) == ["cat"]
+    assert PromptSet(("cat",)).texts() == ["cat"]
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(6, 5)).astype(np.float32)
     avg = average_templates(emb, 3)
@@ -76,10 +78,10 @@ def test_score_matches_zero_shot_probs_and_orders_top_k():
 
 
 def test_prompt_keys_normalise_whitespace_only():
-    assert normalise_prompt("  a   photo\tof a cat ") == "a photo of a cat"
+    assert normalise("  a   photo\tof a cat ") == "a photo of a cat"
     assert prompt_key("b-1", "a  cat") == prompt_key("b-1", "a cat") != prompt_key("b-2", "a cat")
     assert prompt_key("b-1", "A cat") != prompt_key("b-1", "a cat")  # case may matter to a tokenizer
-    assert prompt_set_id("b-1", ["cat"], []) != prompt_set_id("b-1", ["cat"], ["a {}"])
+    assert PromptSet(("cat",)).set_id("b-1") != PromptSet(("cat",), ("a {}",)).set_id("b-1")
 
 
 # -- vision tail grouping ----------------------------------------------------------------------
@@ -91,10 +93,11 @@ def test_tail_groups_by_cut_and_tokens_and_isolates_a_bad_frame(tiny_bundle_dir)
     core = TailCore(str(tiny_bundle_dir), threads=1)
     rt = BundleRuntime(tiny_bundle_dir)
     rng = np.random.default_rng(2)
-    pixels = rt.preprocess([rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)])
-    h1 = rt.hidden_at(pixels, 1)  # [3, tokens, width]
-    h2 = rt.hidden_at(pixels, 2)
-    want = rt.finish(h1, 1)  # [3, embed_dim]
+    tower = Tower(rt)
+    pixels = tower.model_input([rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)])
+    h1 = tower.at_cut(pixels, 1)  # [3, tokens, width]
+    h2 = tower.at_cut(pixels, 2)
+    want = tower.finish(h1, 1)  # [3, embed_dim]
     pruned = h1[0, :9]  # fewer tokens: its own group
     bad = np.zeros((h1.shape[1], h1.shape[2] + 1), np.float32)  # wrong width: ORT refuses it
     out = core.run([1, 2, 1, 1, 1, 1], [h1[0], h2[1], h1[2], pruned, bad, h1[1]])
