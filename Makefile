@@ -7,13 +7,14 @@ EXTRAS ?= edge,cloud,partition,dev
 
 .PHONY: install test lint demo bundle clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
-# Generated gRPC code is rebuilt from protos/ whenever the .proto changes.
+# The package build (setup.py) generates the gRPC code; an editable install does not rebuild, so this
+# regenerates it from protos/ whenever the .proto changes.
 splitclip/wire/PROTO_SHA256: $(STAMP) $(wildcard protos/*.proto)
 	$(PY) -m splitclip.protogen
 

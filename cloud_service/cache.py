@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import time
-import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -28,26 +27,16 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from splitclip.prompts import normalise
+
 log = logging.getLogger("splitclip.cloud.cache")
 PREFIX = "splitclip:v1:"
 T = TypeVar("T")
 
 
-def normalise_prompt(text: str) -> str:
-    """The cache key form of a prompt: NFC, surrounding whitespace stripped, inner runs collapsed.
-    The embedding is computed from this form too, so a key always matches its value."""
-    return " ".join(unicodedata.normalize("NFC", text).split())
-
-
 def prompt_key(bundle_id: str, prompt: str) -> str:
-    digest = hashlib.sha256(normalise_prompt(prompt).encode()).hexdigest()[:32]
+    digest = hashlib.sha256(normalise(prompt).encode()).hexdigest()[:32]
     return f"{PREFIX}emb:{bundle_id}:{digest}"
-
-
-def prompt_set_id(bundle_id: str, labels: Sequence[str], templates: Sequence[str]) -> str:
-    """Content address of a prompt set: the same labels + templates give the same id on every replica."""
-    body = json.dumps([bundle_id, [normalise_prompt(p) for p in labels], list(templates)])
-    return "ps-" + hashlib.sha256(body.encode()).hexdigest()[:24]
 
 
 class RedisStore:

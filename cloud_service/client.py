@@ -14,9 +14,8 @@ from numpy.typing import NDArray
 
 from cloud_service.grpc_api import pb, pb_grpc
 from splitclip import codec
-from splitclip.calibration import Calibration
-from splitclip.preprocess import normalize, to_model_input
 from splitclip.runtime import BundleRuntime
+from splitclip.tower import Tower
 
 TOKEN_HEADER = "x-splitclip-token"
 CHANNEL_OPTIONS = [
@@ -34,20 +33,13 @@ class FrameMaker:
 
     def __init__(self, runtime: BundleRuntime) -> None:
         self.runtime = runtime
+        self.tower = Tower(runtime)
         self.spec = codec.TensorSpec.from_manifest(runtime.manifest)
-        b = runtime.bundle
-        self.calibration = Calibration.load(b.path("calibration.npz")) if b.has("calibration.npz") else None
+        self.calibration = runtime.bundle.calibration()
 
     def tensor_at(self, image: NDArray[np.uint8], cut: int) -> np.ndarray:
         """The tensor an edge node sends at `cut` for one image (any size; resized and cropped here)."""
-        cropped = to_model_input(image, self.runtime.preprocess_config)  # uint8 [S, S, 3]
-        if cut == 0:
-            return cropped
-        pixels = normalize(cropped[None], self.runtime.preprocess_config)  # [1, 3, S, S]
-        hidden = self.runtime.hidden_at(pixels, cut)  # [1, tokens, width]
-        if cut == self.runtime.num_blocks:
-            return self.runtime.head(hidden)[0]  # [embed_dim]
-        return hidden[0]  # [tokens, width]
+        return self.tower.at_cut(self.tower.model_input(image), cut)[0]
 
     def payload(self, image: NDArray[np.uint8], cut: int, preset: str = "lossless") -> bytes:
         x = self.tensor_at(image, cut)

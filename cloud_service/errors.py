@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from splitclip.codec import CodecError, PayloadTooLarge
-from splitclip.runtime import PromptError
+from splitclip.prompts import PromptError
 
 
 class ServiceError(Exception):

@@ -28,15 +28,13 @@ from ray.serve.handle import DeploymentHandle
 
 from cloud_service import errors
 from cloud_service.batching import Coalescer
-from cloud_service.cache import NodeRegistry, PromptSets, RedisStore, normalise_prompt, prompt_set_id
+from cloud_service.cache import NodeRegistry, PromptSets, RedisStore
 from cloud_service.grpc_api import pb
 from cloud_service.metrics import Metrics
-from cloud_service.scoring import average_templates, expand_templates
 from cloud_service.settings import CloudSettings
 from splitclip import codec
 from splitclip.bundle import load_bundle
-from splitclip.calibration import Calibration
-from splitclip.runtime import BundleRuntime, PromptLimits
+from splitclip.prompts import PromptLimits, PromptSet, average_templates, normalise, prompt_set
 
 log = logging.getLogger("splitclip.cloud.ingress")
 
@@ -84,17 +82,10 @@ class Ingress:
         self.bundle_id = self.manifest.bundle_id
         self.num_blocks = self.manifest.num_blocks
         self.spec = codec.TensorSpec.from_manifest(self.manifest)
-        self.calibration = (
-            Calibration.load(self.bundle.path("calibration.npz"))
-            if self.bundle.has("calibration.npz")
-            else None
-        )
+        self.calibration = self.bundle.calibration()
         self.limits = codec.Limits(max_payload_bytes=self.s.max_payload_bytes)
         _warn_if_the_proxy_hop_is_smaller(self.s.max_payload_bytes)
-        # Sessions are lazy: this runtime only validates prompts, with the service's limits.
-        self.prompt_check = BundleRuntime(
-            self.bundle, prompt_limits=PromptLimits(self.s.max_prompts, self.s.max_prompt_chars)
-        )
+        self.prompt_limits = PromptLimits(self.s.max_prompts, self.s.max_prompt_chars, self.s.max_templates)
         self.token = os.environ.get("SPLITCLIP_NODE_TOKEN", "")
         self.metrics = Metrics()
         store = RedisStore(
@@ -139,24 +130,10 @@ class Ingress:
                 f"bundle mismatch: the node runs bundle {bundle_id}, the cloud runs bundle {self.bundle_id}"
             )
 
-    def _check_templates(self, templates: Sequence[str]) -> list[str]:
-        if len(templates) > self.s.max_templates:
-            raise errors.invalid(f"templates: {len(templates)} given, at most {self.s.max_templates} allowed")
-        out = []
-        for i, t in enumerate(templates):
-            if "{}" not in t:
-                raise errors.invalid(f"templates[{i}]: must contain '{{}}' where the label goes, got {t!r}")
-            if len(t) > self.s.max_prompt_chars:
-                raise errors.invalid(
-                    f"templates[{i}]: {len(t)} characters, at most {self.s.max_prompt_chars} allowed"
-                )
-            out.append(normalise_prompt(t))
-        return out
-
     def _check_prompts(self, prompts: Sequence[str], templates: Sequence[str]) -> Prompts:
-        labels = [normalise_prompt(p) for p in self.prompt_check.validate_prompts(list(prompts))]
-        tpls = self._check_templates(templates)
-        return Prompts(labels, tpls, prompt_set_id(self.bundle_id, labels, tpls))
+        ps = prompt_set(prompts, templates, self.prompt_limits)
+        labels = [normalise(p) for p in ps.labels]
+        return Prompts(labels, list(ps.templates), ps.set_id(self.bundle_id))
 
     async def _resolve_prompts(self, frame: pb.Frame) -> Prompts:
         if frame.prompts:
@@ -193,7 +170,7 @@ class Ingress:
             self.memo.move_to_end(p.set_id)
             self.metrics.hits(len(p.labels) * max(1, len(p.templates)), "local")
             return hit[1]
-        emb, _ = await self.text.encode.remote(expand_templates(p.labels, p.templates))
+        emb, _ = await self.text.encode.remote(PromptSet(tuple(p.labels), tuple(p.templates)).texts())
         self._remember(p, emb)
         return emb
 
@@ -344,7 +321,7 @@ class Ingress:
             self._authenticate(grpc_context)
             self._check_bundle(request.bundle_id)
             p = self._check_prompts(request.prompts, request.templates)
-            emb, hits = await self.text.encode.remote(expand_templates(p.labels, p.templates))
+            emb, hits = await self.text.encode.remote(PromptSet(tuple(p.labels), tuple(p.templates)).texts())
         except Exception as e:
             err = errors.from_exception(e)
             if err.code == grpc.StatusCode.INTERNAL:

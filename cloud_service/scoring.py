@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -13,23 +12,7 @@ from ray import serve
 from cloud_service.metrics import Metrics
 from cloud_service.settings import CloudSettings
 from splitclip.bundle import load_bundle
-from splitclip.runtime import top_k, zero_shot_probs
-
-
-def expand_templates(labels: Sequence[str], templates: Sequence[str]) -> list[str]:
-    """Label-major texts: [l0 t0, l0 t1, …, l1 t0, …]; no templates = the labels themselves.
-    `{}` in a template is replaced by the label (plain replace, so other braces are safe)."""
-    if not templates:
-        return list(labels)
-    return [t.replace("{}", label) for label in labels for t in templates]
-
-
-def average_templates(text_emb: NDArray[np.float32], n_templates: int) -> NDArray[np.float32]:
-    """[n_labels * n_templates, dim] -> [n_labels, dim]: per label the re-normalised mean over templates."""
-    if n_templates <= 1:
-        return text_emb
-    mean = text_emb.reshape(-1, n_templates, text_emb.shape[-1]).mean(axis=1)  # [n_labels, dim]
-    return (mean / np.linalg.norm(mean, axis=-1, keepdims=True)).astype(np.float32)
+from splitclip.prompts import average_templates, top_k, zero_shot_probs
 
 
 def score(

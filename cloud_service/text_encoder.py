@@ -12,10 +12,11 @@ import numpy as np
 from numpy.typing import NDArray
 from ray import serve
 
-from cloud_service.cache import PromptCache, RedisStore, normalise_prompt
+from cloud_service.cache import PromptCache, RedisStore
 from cloud_service.metrics import Metrics
 from cloud_service.settings import CloudSettings
-from splitclip.runtime import BundleRuntime, PromptLimits
+from splitclip.prompts import normalise
+from splitclip.runtime import BundleRuntime
 
 log = logging.getLogger("splitclip.cloud.text")
 
@@ -25,9 +26,7 @@ class TextCore:
 
     def __init__(self, settings: CloudSettings, metrics: Metrics | None = None) -> None:
         self.metrics = metrics
-        limits = PromptLimits(max_prompts=settings.max_prompts * settings.max_templates,
-                              max_chars=settings.max_prompt_chars + 200)  # fmt: skip
-        self.runtime = BundleRuntime(settings.bundle, threads=settings.text_threads, prompt_limits=limits)
+        self.runtime = BundleRuntime(settings.bundle, threads=settings.text_threads)
         self.runtime.session("text.onnx")
         m = self.runtime.manifest
         self.store = RedisStore(
@@ -40,7 +39,7 @@ class TextCore:
 
     async def encode(self, texts: Sequence[str]) -> tuple[NDArray[np.float32], int]:
         """Texts (templates already applied) -> ([n, embed_dim] normalised, number of cache hits)."""
-        texts = [normalise_prompt(t) for t in texts]
+        texts = [normalise(t) for t in texts]
         found = await self.cache.get_many(texts)
         todo = sorted({t for t, e in zip(texts, found, strict=True) if e is None})
         hits = len(texts) - sum(e is None for e in found)

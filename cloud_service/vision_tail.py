@@ -24,8 +24,8 @@ from ray import serve
 from cloud_service.batching import Coalescer
 from cloud_service.metrics import Metrics
 from cloud_service.settings import CloudSettings
-from splitclip.preprocess import normalize
 from splitclip.runtime import BundleRuntime
+from splitclip.tower import Tower
 
 log = logging.getLogger("splitclip.cloud.tail")
 _NOT_RUN = RuntimeError("frame was not run")
@@ -39,17 +39,12 @@ class TailCore:
         # ingress and the batch collector need between batches. threads 0 = ORT's default.
         self.runtime = BundleRuntime(bundle, threads=threads or None, spinning=spinning)
         self.runtime.warmup(text=False)
+        self.tower = Tower(self.runtime)
         self.num_blocks = self.runtime.num_blocks
 
     def run_group(self, cut: int, stacked: np.ndarray) -> NDArray[np.float32]:
-        """One shape group -> normalised embeddings [batch, embed_dim]."""
-        if cut == 0:  # stacked: uint8 [batch, H, W, 3], the cropped images
-            hidden = self.runtime.embed(normalize(stacked, self.runtime.preprocess_config))
-            return self.runtime.finish(hidden, 0)
-        if cut == self.num_blocks:  # stacked: [batch, embed_dim], already the embedding
-            e = stacked.astype(np.float32, copy=False)
-            return e / np.linalg.norm(e, axis=-1, keepdims=True)
-        return self.runtime.finish(stacked, cut)  # stacked: [batch, tokens, width]
+        """One shape group (the tensors at `cut`, stacked) -> normalised embeddings [batch, embed_dim]."""
+        return self.tower.finish(stacked, cut)
 
     def run(self, cuts: list[int], arrays: list[np.ndarray]) -> list[NDArray[np.float32] | Exception]:
         """Per frame its embedding [embed_dim], or the exception that frame alone raised."""

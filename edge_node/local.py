@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from splitclip.preprocess import ImageLike, normalize, to_model_input
-from splitclip.runtime import BundleRuntime, top_k
+from splitclip.preprocess import ImageLike
+from splitclip.prompts import PromptSet, average_templates, top_k, zero_shot_probs
+from splitclip.runtime import BundleRuntime
+from splitclip.tower import Tower
 
 
 @dataclass
@@ -75,45 +77,40 @@ class PromptCache:
 class LocalEngine:
     def __init__(self, runtime: BundleRuntime, prompt_cache: PromptCache) -> None:
         self.rt = runtime
+        self.tower = Tower(runtime)
         self.prompts = prompt_cache
         self.num_blocks = runtime.num_blocks
         runtime.warmup()  # create every ORT session now: creation is not thread-safe, runs are
 
     def prepare(self, image: ImageLike, cut: int) -> Prepared:
-        """Preprocess and run stages[0:cut] (and the head when cut == L)."""
-        self.rt.check_cut(cut)
+        """Preprocess and compute the tensor at `cut` (splitclip.tower)."""
+        self.tower.check_cut(cut)
         t0 = time.perf_counter()
-        cfg = self.rt.preprocess_config
-        img = to_model_input(image, cfg)  # uint8 [H, W, 3]
+        img = self.tower.model_input(image)  # uint8 [1, H, W, 3]
         t1 = time.perf_counter()
         timings = {"preprocess": (t1 - t0) * 1e3}
-        if cut == 0:
-            return Prepared(0, img, timings)
-        pixels = normalize(img[None], cfg)  # [1, 3, H, W]
-        hidden = self.rt.hidden_at(pixels, cut)  # [1, tokens, width]
-        wire = self.rt.head(hidden)[0] if cut == self.num_blocks else hidden[0]
-        timings["edge_stages"] = (time.perf_counter() - t1) * 1e3
+        wire = self.tower.at_cut(img, cut)[0]
+        if cut > 0:
+            timings["edge_stages"] = (time.perf_counter() - t1) * 1e3
         return Prepared(cut, wire, timings)
 
     def finish(self, p: Prepared) -> NDArray[np.float32]:
         """The rest of the image tower, locally: normalised embedding [embed_dim]."""
-        if p.cut == 0:
-            pixels = normalize(p.wire[None], self.rt.preprocess_config)  # [1, 3, H, W]
-            return self.rt.image_features(pixels)[0]
-        if p.cut == self.num_blocks:
-            return p.wire
-        return self.rt.finish(p.wire[None], p.cut)[0]
+        return self.tower.finish(p.wire[None], p.cut)[0]
 
-    def text(self, prompts: Sequence[str]) -> NDArray[np.float32]:
-        emb = self.prompts.get(prompts)
+    def text(self, prompts: PromptSet) -> NDArray[np.float32]:
+        """Label embeddings [n_labels, embed_dim] (template-averaged), cached; the cloud's EncodeText
+        answers the same thing, so the cache can be warmed from either side."""
+        emb = self.prompts.get(prompts.key())
         if emb is None:
-            emb = self.rt.encode_text(prompts)  # [n, embed_dim]; raises PromptError on bad prompts
-            self.prompts.put(prompts, emb)
+            texts = self.rt.encode_text(prompts.texts())  # [n_labels * n_templates, embed_dim]
+            emb = average_templates(texts, prompts.n_templates)
+            self.prompts.put(prompts.key(), emb)
         return emb
 
-    def score(self, image_emb: NDArray[np.float32], prompts: Sequence[str]) -> NDArray[np.float32]:
-        """Probabilities over prompts [n_prompts]."""
-        return self.rt.scores(image_emb[None], self.text(prompts))[0]
+    def score(self, image_emb: NDArray[np.float32], prompts: PromptSet) -> NDArray[np.float32]:
+        """Probabilities over labels [n_labels]."""
+        return zero_shot_probs(image_emb[None], self.text(prompts), self.rt.manifest.logit_scale)[0]
 
 
 def top_labels(probs: NDArray[np.float32], prompts: Sequence[str], k: int) -> tuple[list[str], list[float]]:

@@ -36,6 +36,7 @@ from edge_node.settings import EdgeSettings
 from splitclip import codec
 from splitclip.bundle import Bundle, load_bundle
 from splitclip.preprocess import ImageLike
+from splitclip.prompts import PromptSet, prompt_set
 from splitclip.runtime import BundleRuntime
 from splitclip.wire import pb
 
@@ -59,7 +60,7 @@ class NodeStats:
 class _Ticket:
     """One frame on its way to an answer."""
 
-    def __init__(self, frame_id: int, source: str, prompts: list[str], sink: queue.SimpleQueue) -> None:
+    def __init__(self, frame_id: int, source: str, prompts: PromptSet, sink: queue.SimpleQueue) -> None:
         self.frame_id = frame_id
         self.source = source
         self.prompts = prompts
@@ -156,11 +157,19 @@ class EdgeNode:
             return Reason.NO_CLOUD
         return Reason.CLOUD if self.breaker.allow() else self.breaker.reason
 
-    def classify(self, image: ImageLike, prompts: Sequence[str], *, source: str | None = None) -> EdgeResult:
-        """One image, one unary Classify call (with retries inside the frame deadline) or local."""
-        prompts = self._check_prompts(prompts)
+    def classify(
+        self,
+        image: ImageLike,
+        prompts: Sequence[str],
+        *,
+        templates: Sequence[str] = (),
+        source: str | None = None,
+    ) -> EdgeResult:
+        """One image, one unary Classify call (with retries inside the frame deadline) or local.
+        `templates` such as "a photo of a {}" apply on both sides (splitclip.prompts)."""
+        prompt_set = self._check_prompts(prompts, templates)
         sink: queue.SimpleQueue[EdgeResult] = queue.SimpleQueue()
-        t = _Ticket(next(self._ids), source or _name(image), prompts, sink)
+        t = _Ticket(next(self._ids), source or _name(image), prompt_set, sink)
         client = self.client
         if client is None or not self.breaker.allow():
             self._answer_locally(t, image, self._local_reason())
@@ -177,17 +186,22 @@ class EdgeNode:
         return sink.get()
 
     def classify_many(
-        self, images: Iterable[ImageLike], prompts: Sequence[str], *, sources: Iterable[str] | None = None
+        self,
+        images: Iterable[ImageLike],
+        prompts: Sequence[str],
+        *,
+        templates: Sequence[str] = (),
+        sources: Iterable[str] | None = None,
     ) -> Iterator[EdgeResult]:
         """Many images over the bidi stream (at most `window` in flight). Yields one result per image,
         in completion order (match them by `frame_id` / `source`)."""
-        prompts = self._check_prompts(prompts)
+        prompt_set = self._check_prompts(prompts, templates)
         sink: queue.SimpleQueue[EdgeResult] = queue.SimpleQueue()
         names = iter(sources) if sources is not None else None
         sent = done = 0
         for image in images:
             source = next(names) if names is not None else _name(image)
-            t = _Ticket(next(self._ids), source, prompts, sink)
+            t = _Ticket(next(self._ids), source, prompt_set, sink)
             sent += 1
             self._dispatch(t, image)
             while True:
@@ -201,9 +215,9 @@ class EdgeNode:
             yield sink.get()
             done += 1
 
-    def prompt_embeddings(self, prompts: Sequence[str]) -> np.ndarray:
-        """Normalised prompt embeddings [n, embed_dim] from the local cache (filled on first use)."""
-        return self.engine.text(self._check_prompts(prompts))
+    def prompt_embeddings(self, prompts: Sequence[str], templates: Sequence[str] = ()) -> np.ndarray:
+        """Normalised label embeddings [n_labels, embed_dim] from the local cache (filled on first use)."""
+        return self.engine.text(self._check_prompts(prompts, templates))
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -233,10 +247,10 @@ class EdgeNode:
         self.close()
 
     # -- dispatch --------------------------------------------------------------------------------
-    def _check_prompts(self, prompts: Sequence[str]) -> list[str]:
-        prompts = self.engine.rt.validate_prompts(list(prompts))
-        self._warm_prompts(prompts)
-        return prompts
+    def _check_prompts(self, prompts: Sequence[str], templates: Sequence[str]) -> PromptSet:
+        checked = prompt_set(prompts, templates)
+        self._warm_prompts(checked)
+        return checked
 
     def _dispatch(self, t: _Ticket, image: ImageLike) -> None:
         if self.client is None or not self.breaker.allow():
@@ -277,7 +291,8 @@ class EdgeNode:
             cut=self.cut,
             codec=self.preset.name,
             payload=payload,
-            prompts=t.prompts,
+            prompts=t.prompts.labels,
+            templates=t.prompts.templates,
             top_k=self.settings.top_k,
         )
 
@@ -398,7 +413,7 @@ class EdgeNode:
 
     def _local_result(self, t: _Ticket, image_emb: np.ndarray, reason: str) -> EdgeResult:
         probs = self.engine.score(image_emb, t.prompts)  # [n_prompts]
-        labels, top = top_labels(probs, t.prompts, self.settings.top_k)
+        labels, top = top_labels(probs, t.prompts.labels, self.settings.top_k)
         return EdgeResult(
             frame_id=t.frame_id,
             source=t.source,
@@ -511,14 +526,23 @@ class EdgeNode:
             else:
                 self.breaker.probe_failed(reason)
 
-    def _warm_prompts(self, prompts: list[str]) -> None:
+    def _warm_prompts(self, prompts: PromptSet) -> None:
         """Fill the local prompt cache from the cloud's EncodeText while it is reachable (same bundle,
         checked by Hello); otherwise the local text tower fills it on first local use."""
-        if self.client is None or not self.breaker.allow() or self.engine.prompts.get(prompts) is not None:
+        if (
+            self.client is None
+            or not self.breaker.allow()
+            or self.engine.prompts.get(prompts.key()) is not None
+        ):
             return
         try:
             resp = self.client.encode_text(
-                pb.TextRequest(node_id=self.settings.node_id, bundle_id=self.bundle_id, prompts=prompts),
+                pb.TextRequest(
+                    node_id=self.settings.node_id,
+                    bundle_id=self.bundle_id,
+                    prompts=prompts.labels,
+                    templates=prompts.templates,
+                ),
                 self.settings.hello_timeout_s,
             )
         except grpc.RpcError as e:
@@ -526,8 +550,8 @@ class EdgeNode:
             return
         if resp.bundle_id != self.bundle_id or resp.dim != self.bundle.manifest.embed_dim:
             return
-        emb = np.frombuffer(resp.embeddings, dtype="<f4").reshape(len(prompts), resp.dim)  # [n, embed_dim]
-        self.engine.prompts.put(prompts, emb)
+        emb = np.frombuffer(resp.embeddings, dtype="<f4").reshape(len(prompts.labels), resp.dim)  # [n, dim]
+        self.engine.prompts.put(prompts.key(), emb)
 
     def _on_breaker_change(self, old: State, new: State, reason: str) -> None:
         if new is State.OPEN and old is State.CLOSED:

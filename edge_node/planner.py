@@ -25,12 +25,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import numpy as np
-
 from splitclip import codec
 from splitclip.bundle import Bundle
 from splitclip.preprocess import ImageLike, normalize, to_model_input
 from splitclip.runtime import BundleRuntime
+from splitclip.tower import Tower
 from splitclip.wire import pb
 
 LOCAL = -1  # the cut value of the "answer locally" plan
@@ -134,20 +133,11 @@ def frame_costs(
     """Encode the tensor each sample image gives at every cut with every preset. `bytes` is the whole
     serialised gRPC Frame the edge sends: payload plus ids, codec name and the `prompts`."""
     spec = codec.TensorSpec.from_manifest(rt.manifest)
-    cal = codec.Calibration.load(bundle.path("calibration.npz")) if bundle.has("calibration.npz") else None
-    cfg = rt.preprocess_config
-    L = rt.num_blocks
-    cuts = list(range(L + 1)) if cuts is None else list(cuts)
-    inputs = [to_model_input(im, cfg) for im in images]  # uint8 [H, W, 3] each
-    wires: dict[int, list[np.ndarray]] = {k: [] for k in cuts}
-    for img in inputs:
-        pixels = normalize(img[None], cfg)  # [1, 3, H, W]
-        hidden = rt.embed(pixels)  # [1, tokens, width]
-        for k in range(L + 1):
-            if k > 0:
-                hidden = rt.run_blocks(hidden, k - 1, k)
-            if k in wires:
-                wires[k].append(img if k == 0 else rt.head(hidden)[0] if k == L else hidden[0])
+    cal = bundle.calibration()
+    tower = Tower(rt)
+    cuts = list(range(rt.num_blocks + 1)) if cuts is None else list(cuts)
+    pixels = tower.model_input(list(images))  # uint8 [n, H, W, 3]
+    wires = {k: list(tower.at_cut(pixels, k)) for k in cuts}
     out = []
     for k in cuts:
         for name in presets:

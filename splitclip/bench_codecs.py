@@ -20,8 +20,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from splitclip.codec import PRESETS, Calibration, Preset, TensorSpec, decode, encode
-from splitclip.preprocess import normalize, to_model_input
 from splitclip.runtime import BundleRuntime
+from splitclip.tower import Tower
 
 DEFAULT_DOC = Path(__file__).resolve().parent.parent / "docs" / "bench_codecs.md"
 
@@ -44,16 +44,16 @@ def jpeg_size(img: NDArray[np.uint8], quality: int = 90) -> int:
     return buf.tell()
 
 
-def _finish_grouped(rt: BundleRuntime, hidden: list[NDArray[np.float32]], cut: int) -> NDArray[np.float32]:
-    """Run blocks[cut:L] + head on decoded frames, batching frames with the same token count."""
-    out = np.zeros((len(hidden), rt.manifest.embed_dim), np.float32)
+def _finish_grouped(tower: Tower, hidden: list[np.ndarray], cut: int, dim: int) -> NDArray[np.float32]:
+    """Finish decoded frames from `cut`, batching frames with the same shape (pruned frames differ)."""
+    out = np.zeros((len(hidden), dim), np.float32)
     by_tokens: dict[int, list[int]] = {}
     for i, h in enumerate(hidden):
-        by_tokens.setdefault(h.shape[0], []).append(i)
+        by_tokens.setdefault(h.shape[0] if h.ndim else 0, []).append(i)
     for idx in by_tokens.values():
         for s in range(0, len(idx), 64):
             chunk = idx[s : s + 64]
-            out[chunk] = rt.finish(np.stack([hidden[i] for i in chunk]), cut)  # [batch, embed_dim]
+            out[chunk] = tower.finish(np.stack([hidden[i] for i in chunk]), cut)  # [batch, embed_dim]
     return out
 
 
@@ -92,17 +92,17 @@ def bench(
     cuts = cuts or sorted({1, L // 2, L - 1})
     presets = presets or list(PRESETS)
     spec = TensorSpec.from_manifest(m)
-    cal = Calibration.load(rt.bundle.path("calibration.npz")) if rt.bundle.has("calibration.npz") else None
+    cal = rt.bundle.calibration()
+    tower = Tower(rt)
 
     half = n_images // 2
     images = [im for im, _, _ in make_split(half, seed, "seen", image_size=m.vision.image_size)]
     images += [
         im for im, _, _ in make_split(n_images - half, seed, "heldout", image_size=m.vision.image_size)
     ]
-    crops = np.stack([to_model_input(im, rt.preprocess_config) for im in images])  # [n, H, W, 3] uint8
-    pixels = normalize(crops, rt.preprocess_config)  # [n, 3, H, W]
+    crops = tower.model_input(images)  # uint8 [n, H, W, 3]
     text = rt.encode_text(label_prompts())
-    ref_emb = np.concatenate([rt.image_features(pixels[s : s + 64]) for s in range(0, len(pixels), 64)])
+    ref_emb = _finish_grouped(tower, list(crops), 0, m.embed_dim)  # [n, embed_dim]
     ref_pred = (ref_emb @ text.T).argmax(-1)
     jpeg = float(np.mean([jpeg_size(c) for c in crops]))
     fp32_bytes = m.vision.num_tokens * m.vision.width * 4
@@ -137,16 +137,10 @@ def bench(
             xs = list(ref_emb)
         else:
             xs = list(
-                np.concatenate([rt.hidden_at(pixels[s : s + 64], cut) for s in range(0, len(pixels), 64)])
+                np.concatenate([tower.at_cut(crops[s : s + 64], cut) for s in range(0, len(crops), 64)])
             )
         payloads, decoded, seconds = _round_trips(xs, cut, spec, preset, cal)
-        if cut == 0:
-            px = normalize(np.stack(decoded), rt.preprocess_config)
-            emb = np.concatenate([rt.image_features(px[s : s + 64]) for s in range(0, len(px), 64)])
-        elif cut == L:
-            emb = np.stack(decoded)
-        else:
-            emb = _finish_grouped(rt, decoded, cut)
+        emb = _finish_grouped(tower, decoded, cut, m.embed_dim)
         rows.append(score(emb, float(np.median(seconds)), sum(len(p) for p in payloads), cut, name))
     facts = {
         "images": float(n_images),

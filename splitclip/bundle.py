@@ -21,9 +21,14 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from splitclip.calibration import Calibration
 
 BUNDLE_FORMAT = 1
 MANIFEST_NAME = "manifest.json"
+CALIBRATION_FILE = "calibration.npz"
 
 
 class BundleError(ValueError):
@@ -128,6 +133,12 @@ class Bundle:
 
     def read_json(self, name: str) -> dict:
         return json.loads(self.path(name).read_text())
+
+    def calibration(self) -> Calibration | None:
+        """The codec calibration (per-cut PCA bases, calibration.npz), or None when the bundle has none."""
+        from splitclip.calibration import Calibration
+
+        return Calibration.load(self.path(CALIBRATION_FILE)) if self.has(CALIBRATION_FILE) else None
 
 
 REQUIRED_FILES = ("vision/embed.onnx", "vision/head.onnx", "text.onnx", "tokenizer.json", "preprocess.json")

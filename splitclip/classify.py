@@ -5,9 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from splitclip.runtime import BundleRuntime, top_k
+import numpy as np
+from numpy.typing import NDArray
+
+from splitclip.preprocess import ImageLike
+from splitclip.prompts import PromptSet, prompt_set, score, top_k
+from splitclip.runtime import BundleRuntime
+from splitclip.tower import Tower
+
+
+def classify_local(rt: BundleRuntime, images: Sequence[ImageLike], prompts: PromptSet) -> NDArray[np.float32]:
+    """Full local inference: probabilities [n_images, n_labels]."""
+    image_emb = Tower(rt).embed_images(images)  # [n, embed_dim]
+    return score(image_emb, rt.encode_text(prompts.texts()), prompts.n_templates, rt.manifest.logit_scale)
 
 
 def read_labels(path: str | Path) -> list[str]:
@@ -39,8 +52,9 @@ def build_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     labels = read_prompts(args.prompt, args.labels)
+    prompts = prompt_set(labels, [args.template])
     rt = BundleRuntime(args.bundle)
-    probs = rt.classify([Path(p) for p in args.images], [args.template.format(label) for label in labels])
+    probs = classify_local(rt, [Path(p) for p in args.images], prompts)
     for path, best in zip(args.images, top_k(probs, args.top_k), strict=True):
         if args.json:
             print(

@@ -9,7 +9,9 @@ import json
 from pathlib import Path
 
 from splitclip.bundle import BundleError, load_bundle
-from splitclip.runtime import BundleRuntime, top_k
+from splitclip.classify import classify_local
+from splitclip.prompts import prompt_set, top_k
+from splitclip.runtime import BundleRuntime
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / "models" / "demo-clip"
@@ -47,7 +49,7 @@ def local_demo(bundle: Path) -> None:
     rt = BundleRuntime(bundle)
     labels = demo_labels()
     images = sorted(SAMPLES.glob("*.png"))
-    probs = rt.classify(images, [f"a photo of a {label}" for label in labels])
+    probs = classify_local(rt, images, prompt_set(labels, ["a photo of a {}"]))
     print(f"== zero-shot classification of {len(images)} sample images among {len(labels)} labels (local)")
     for path, best in zip(images, top_k(probs, 3), strict=True):
         ranked = ", ".join(f"{labels[i]} {p:.1%}" for i, p in best)

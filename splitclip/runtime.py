@@ -1,14 +1,13 @@
 """Inference over a bundle with ONNX Runtime only (used by the edge, its offline fallback and the cloud).
 
-Cut semantics: the tensor "at cut k" is the hidden state after the embedding stage and blocks[0:k],
-for k in 0..L. `hidden_at(pixels, k)` computes it, `finish(hidden, k)` runs blocks[k:L] + head.
+One ORT session per stage, created lazily; what a cut means lives in splitclip.tower, prompts in
+splitclip.prompts.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
@@ -17,17 +16,7 @@ from numpy.typing import NDArray
 from tokenizers import Tokenizer
 
 from splitclip.bundle import Bundle, block_file, load_bundle
-from splitclip.preprocess import ImageLike, PreprocessConfig, preprocess
-
-
-class PromptError(ValueError):
-    """Prompts that cannot be encoded (empty list, empty text, too many, too long)."""
-
-
-@dataclass(frozen=True)
-class PromptLimits:
-    max_prompts: int = 256
-    max_chars: int = 300
+from splitclip.preprocess import PreprocessConfig
 
 
 def make_session_options(threads: int | None = None, *, spinning: bool | None = None) -> ort.SessionOptions:
@@ -82,14 +71,12 @@ class BundleRuntime:
         threads: int | None = None,
         spinning: bool | None = None,
         providers: Sequence[str] | None = None,
-        prompt_limits: PromptLimits | None = None,
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(os.fspath(bundle))
         self.manifest = self.bundle.manifest
         self._opts = make_session_options(threads, spinning=spinning)
         self._providers = list(providers) if providers else ["CPUExecutionProvider"]
         self._sessions: dict[str, tuple[ort.InferenceSession, str]] = {}  # name -> (session, input name)
-        self.prompt_limits = prompt_limits or PromptLimits()
 
     # -- sessions ---------------------------------------------------------------------------
     def _entry(self, name: str) -> tuple[ort.InferenceSession, str]:
@@ -121,13 +108,6 @@ class BundleRuntime:
     def num_blocks(self) -> int:
         return self.manifest.vision.num_blocks
 
-    def preprocess(self, images: Sequence[ImageLike] | ImageLike) -> NDArray[np.float32]:
-        return preprocess(images, self.preprocess_config)  # [batch, 3, H, W]
-
-    def check_cut(self, k: int) -> None:
-        if not 0 <= k <= self.num_blocks:
-            raise ValueError(f"cut must be in 0..{self.num_blocks}, got {k}")
-
     def embed(self, pixels: NDArray[np.float32]) -> NDArray[np.float32]:
         return self._run("vision/embed.onnx", pixels)  # [batch, tokens, width]
 
@@ -139,22 +119,6 @@ class BundleRuntime:
     def head(self, hidden: NDArray[np.float32]) -> NDArray[np.float32]:
         return self._run("vision/head.onnx", hidden)  # [batch, embed_dim], L2-normalised
 
-    def hidden_at(self, pixels: NDArray[np.float32], k: int) -> NDArray[np.float32]:
-        """Edge part: embedding + blocks[0:k] -> [batch, tokens, width]."""
-        self.check_cut(k)
-        return self.run_blocks(self.embed(pixels), 0, k)
-
-    def finish(self, hidden: NDArray[np.float32], k: int) -> NDArray[np.float32]:
-        """Cloud part: blocks[k:L] + head -> normalised embeddings [batch, embed_dim]."""
-        self.check_cut(k)
-        return self.head(self.run_blocks(hidden, k, self.num_blocks))
-
-    def image_features(self, pixels: NDArray[np.float32]) -> NDArray[np.float32]:
-        return self.finish(self.embed(pixels), 0)
-
-    def encode_images(self, images: Sequence[ImageLike] | ImageLike) -> NDArray[np.float32]:
-        return self.image_features(self.preprocess(images))
-
     # -- text side --------------------------------------------------------------------------
     @cached_property
     def tokenizer(self) -> TextTokenizer:
@@ -163,51 +127,6 @@ class BundleRuntime:
             str(self.bundle.path("tokenizer.json")), t.context_length, t.pad_token_id, t.eos_token_id
         )
 
-    def validate_prompts(self, prompts: Sequence[str]) -> list[str]:
-        lim = self.prompt_limits
-        if not prompts:
-            raise PromptError("prompts: at least one prompt is required")
-        if len(prompts) > lim.max_prompts:
-            raise PromptError(f"prompts: {len(prompts)} given, at most {lim.max_prompts} allowed")
-        out = []
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str) or not p.strip():
-                raise PromptError(f"prompts[{i}]: must be non-empty text")
-            if len(p) > lim.max_chars:
-                raise PromptError(f"prompts[{i}]: {len(p)} characters, at most {lim.max_chars} allowed")
-            out.append(p)
-        return out
-
-    def encode_text(self, prompts: Sequence[str]) -> NDArray[np.float32]:
-        """Prompts -> L2-normalised embeddings [n, embed_dim]."""
-        ids = self.tokenizer(self.validate_prompts(prompts))  # [n, context]
-        return self._run("text.onnx", ids)
-
-    # -- scoring ----------------------------------------------------------------------------
-    def scores(self, image_emb: NDArray[np.float32], text_emb: NDArray[np.float32]) -> NDArray[np.float32]:
-        return zero_shot_probs(image_emb, text_emb, self.manifest.logit_scale)
-
-    def classify(
-        self, images: Sequence[ImageLike] | ImageLike, prompts: Sequence[str]
-    ) -> NDArray[np.float32]:
-        """Full local inference: probabilities [batch, n_prompts]."""
-        return self.scores(self.encode_images(images), self.encode_text(prompts))
-
-
-def zero_shot_probs(
-    image_emb: NDArray[np.float32], text_emb: NDArray[np.float32], logit_scale: float
-) -> NDArray[np.float32]:
-    """softmax(logit_scale * img @ txt.T) over prompts: [batch, n_prompts]."""
-    img = image_emb / np.linalg.norm(image_emb, axis=-1, keepdims=True)
-    txt = text_emb / np.linalg.norm(text_emb, axis=-1, keepdims=True)
-    logits = np.float32(logit_scale) * (img @ txt.T)
-    logits -= logits.max(axis=-1, keepdims=True)
-    e = np.exp(logits)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
-
-
-def top_k(probs: NDArray[np.float32], k: int) -> list[list[tuple[int, float]]]:
-    """Per row, the k best (index, probability) pairs, best first (ties: lower index first)."""
-    k = max(1, min(k, probs.shape[-1]))
-    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-    return [[(int(i), float(row[i])) for i in idx] for row, idx in zip(probs, order, strict=True)]
+    def encode_text(self, texts: Sequence[str]) -> NDArray[np.float32]:
+        """Texts (already validated and templated by splitclip.prompts) -> L2-normalised [n, embed_dim]."""
+        return self._run("text.onnx", self.tokenizer(texts))  # ids: [n, context]

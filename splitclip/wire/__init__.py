@@ -1,4 +1,4 @@
-"""Generated gRPC/protobuf code for protos/splitclip.proto (built by `python -m splitclip.protogen`)."""
+"""Generated gRPC/protobuf code for protos/splitclip.proto (built with the package, see splitclip.protogen)."""
 
 from splitclip.protogen import ensure_current
 

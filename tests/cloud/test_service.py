@@ -18,8 +18,10 @@ import redis
 from cloud_service.cache import NodeRegistry, prompt_key
 from cloud_service.client import CloudClient, FrameMaker, text_embeddings
 from cloud_service.grpc_api import pb
-from cloud_service.scoring import average_templates
-from splitclip.runtime import BundleRuntime, zero_shot_probs
+from splitclip.classify import classify_local
+from splitclip.prompts import average_templates, prompt_set, zero_shot_probs
+from splitclip.runtime import BundleRuntime
+from splitclip.tower import Tower
 
 PROMPTS = ["a photo of a cat", "a photo of a dog", "a red circle", "a blue square"]
 
@@ -63,7 +65,7 @@ def rpc_error(fn, *args) -> grpc.RpcError:
 def test_split_classification_equals_local_full_inference(cloud, runtime, maker, client):
     L = runtime.num_blocks
     for img in images(2):
-        local = runtime.classify(img, PROMPTS)[0]  # [n_prompts]
+        local = classify_local(runtime, [img], prompt_set(PROMPTS))[0]  # [n_prompts]
         for cut in sorted({0, 1, L - 1, L}):
             res = client.classify(maker.frame(img, cut, PROMPTS, frame_id=cut, top_k=2))
             probs = np.array(res.probabilities)
@@ -81,7 +83,7 @@ def test_templates_are_averaged_per_label(runtime, maker, client):
     res = client.classify(maker.frame(img, 1, labels, templates=templates))
     texts = [t.replace("{}", lab) for lab in labels for t in templates]
     label_emb = average_templates(runtime.encode_text(texts), len(templates))
-    want = zero_shot_probs(runtime.encode_images(img), label_emb, runtime.manifest.logit_scale)[0]
+    want = zero_shot_probs(Tower(runtime).embed_images(img), label_emb, runtime.manifest.logit_scale)[0]
     np.testing.assert_allclose(res.probabilities, want, atol=1e-4)
 
 
@@ -103,7 +105,7 @@ def test_stream_answers_every_frame_once_and_batches_within_the_stream(cloud, ru
     tail = cloud.handle("VisionTail")
     tail.reset_stats.remote().result()
     imgs = images(4, seed=7)
-    local = runtime.classify(imgs, PROMPTS)  # [4, n_prompts]
+    local = classify_local(runtime, imgs, prompt_set(PROMPTS))  # [4, n_prompts]
     frames = [maker.frame(imgs[i % 4], 1, PROMPTS, frame_id=100 + i) for i in range(48)]
     bad_payload = pb.Frame()
     bad_payload.CopyFrom(frames[5])

@@ -20,7 +20,9 @@ import grpc
 import numpy as np
 
 from splitclip import codec
-from splitclip.runtime import BundleRuntime, top_k
+from splitclip.prompts import prompt_set, score, top_k
+from splitclip.runtime import BundleRuntime
+from splitclip.tower import Tower
 from splitclip.wire import pb, pb_grpc
 
 
@@ -86,15 +88,11 @@ class RefCloud(pb_grpc.SplitClipServicer):
                 frame_id=f.frame_id, error=pb.Error(code="FAILED_PRECONDITION", message="bundle mismatch")
             )
         x = codec.decode(f.payload, cut=f.cut, spec=self.spec).array
-        if f.cut == 0:
-            from splitclip.preprocess import normalize
-
-            emb = self.rt.image_features(normalize(x[None], self.rt.preprocess_config))[0]
-        elif f.cut == self.rt.num_blocks:
-            emb = x
-        else:
-            emb = self.rt.finish(x[None], f.cut)[0]
-        probs = self.rt.scores(emb[None], self.rt.encode_text(list(f.prompts)))[0]
+        emb = Tower(self.rt).finish(x[None], f.cut)[0]  # [embed_dim]
+        ps = prompt_set(list(f.prompts), list(f.templates))
+        probs = score(
+            emb[None], self.rt.encode_text(ps.texts()), ps.n_templates, self.rt.manifest.logit_scale
+        )[0]
         best = top_k(probs[None], f.top_k or 5)[0]
         top = [pb.Label(index=i, prompt=f.prompts[i], probability=p) for i, p in best]
         return pb.Result(

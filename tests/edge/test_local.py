@@ -11,12 +11,15 @@ from PIL import Image
 from edge_node.local import LocalEngine, PromptCache
 from edge_node.node import EdgeNode
 from splitclip.bundle import BundleError
-from splitclip.runtime import BundleRuntime, PromptError
+from splitclip.classify import classify_local
+from splitclip.prompts import PromptError, prompt_set
+from splitclip.runtime import BundleRuntime
+from splitclip.tower import Tower
 from tests.edge.conftest import PROMPTS
 
 
 def test_local_only_node_matches_the_runtime(bundle: Path, images: list[np.ndarray]) -> None:
-    expected = BundleRuntime(bundle).classify(images, PROMPTS)  # [n, prompts]
+    expected = classify_local(BundleRuntime(bundle), images, prompt_set(PROMPTS))  # [n, prompts]
     with EdgeNode(bundle) as node:
         assert node.mode == "local" and node.mode_reason == "no_cloud"
         results = sorted(node.classify_many(images, PROMPTS), key=lambda r: r.frame_id)
@@ -37,18 +40,19 @@ def test_finishing_locally_from_any_cut_gives_the_full_result(
     cut = round(cut_frac * rt.num_blocks)
     p = engine.prepare(images[0], cut)
     emb = engine.finish(p)  # [embed_dim]
-    np.testing.assert_allclose(emb, rt.encode_images(images[0])[0], atol=1e-5)
+    np.testing.assert_allclose(emb, Tower(rt).embed_images(images[0])[0], atol=1e-5)
 
 
 def test_prompt_cache_memory_and_disk(bundle: Path, tmp_path: Path) -> None:
     rt = BundleRuntime(bundle)
     cache = PromptCache(rt.manifest.bundle_id, tmp_path)
     engine = LocalEngine(rt, cache)
-    first = engine.text(PROMPTS)
+    prompts = prompt_set(PROMPTS)
+    first = engine.text(prompts)
     assert cache.misses == 1
-    assert engine.text(PROMPTS) is first and cache.hits == 1
+    assert engine.text(prompts) is first and cache.hits == 1
     reloaded = PromptCache(rt.manifest.bundle_id, tmp_path)  # a restarted node finds it on disk
-    np.testing.assert_array_equal(reloaded.get(PROMPTS), first)
+    np.testing.assert_array_equal(reloaded.get(prompts.key()), first)
     assert reloaded.get(["something else"]) is None
 
 

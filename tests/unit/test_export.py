@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from splitclip.bundle import load_bundle
+from splitclip.preprocess import normalize
 from splitclip.runtime import BundleRuntime
+from splitclip.tower import Tower
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -36,15 +38,19 @@ def check_every_cut(model_dir: Path, bundle_dir: Path, batch: int = 2) -> None:
     model = _hf(model_dir)
     rt = BundleRuntime(bundle_dir)
     size = rt.manifest.vision.image_size
-    pixels = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    pixels = normalize(images, rt.preprocess_config)  # [batch, 3, size, size]
+    tower = Tower(rt)
     with torch.no_grad():
         ref = _normalised(
             model.get_image_features(pixel_values=torch.from_numpy(pixels)).pooler_output.numpy()
         )
     for k in range(rt.num_blocks + 1):
-        hidden = rt.hidden_at(pixels, k)  # [batch, tokens, width]
+        hidden = rt.run_blocks(rt.embed(pixels), 0, k)  # [batch, tokens, width]
         assert hidden.shape == (batch, rt.manifest.vision.num_tokens, rt.manifest.vision.width)
-        out = rt.finish(hidden, k)
+        out = rt.head(rt.run_blocks(hidden, k, rt.num_blocks))
+        np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0, err_msg=f"stages, cut {k}")
+        out = tower.finish(tower.at_cut(images, k), k)
         np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0, err_msg=f"cut {k}")
 
 
@@ -111,7 +117,7 @@ def test_dynamic_token_axis(tiny_bundle_dir: Path) -> None:
     for batch, tokens in [(1, 5), (4, 17), (2, 9)]:
         hidden = np.random.default_rng(batch).standard_normal((batch, tokens, width)).astype(np.float32)
         assert rt.run_blocks(hidden, 0, rt.num_blocks).shape == (batch, tokens, width)
-        assert rt.finish(hidden, 1).shape == (batch, rt.manifest.embed_dim)
+        assert Tower(rt).finish(hidden, 1).shape == (batch, rt.manifest.embed_dim)
 
 
 def test_manifest_facts(tiny_bundle_dir: Path) -> None:
