@@ -2,21 +2,20 @@
 
 The Serve application builder (`cloud_service.app:build`) receives the `args` of
 deploy/serve_config.yaml; any key there overrides the environment, which overrides the defaults.
+Both are parsed by splitclip.settings, by the rules the edge's settings follow too.
 The node token is read from the environment only (a Kubernetes Secret), never from the config.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
-ENV_PREFIX = "SPLITCLIP_"
+from splitclip import settings as loader
+from splitclip.settings import SettingsError
 
-
-class SettingsError(ValueError):
-    """A setting has a value of the wrong type or out of range."""
+__all__ = ["CloudSettings", "SettingsError"]
 
 
 @dataclass(frozen=True)
@@ -42,21 +41,9 @@ class CloudSettings:
 
     @staticmethod
     def load(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> CloudSettings:
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for f in fields(CloudSettings):
-            raw = env.get(ENV_PREFIX + f.name.upper())
-            if raw is not None and raw != "":
-                values[f.name] = _coerce(f.name, f.type, raw)
-        for key, raw in (args or {}).items():
-            if key == "node_token":
-                raise SettingsError("node_token comes from SPLITCLIP_NODE_TOKEN only, not from the config")
-            names = {f.name: f.type for f in fields(CloudSettings)}
-            if key not in names:
-                raise SettingsError(f"unknown cloud setting {key!r}; known: {', '.join(sorted(names))}")
-            if raw is not None:
-                values[key] = _coerce(key, names[key], raw)
-        settings = replace(CloudSettings(), **values)
+        if args and "node_token" in args:
+            raise SettingsError("node_token comes from SPLITCLIP_NODE_TOKEN only, not from the config")
+        settings = CloudSettings(**loader.load(CloudSettings, env, args, kind="cloud"))
         settings.validate()
         return settings
 
@@ -76,15 +63,3 @@ class CloudSettings:
     def as_args(self) -> dict[str, Any]:
         """Everything but the token, for passing to deployments (which re-read the token from env)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "node_token"}
-
-
-def _coerce(name: str, typ: Any, raw: Any) -> Any:
-    kind = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
-    try:
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-        return str(raw)
-    except (TypeError, ValueError):
-        raise SettingsError(f"setting {name}: {raw!r} is not a valid {kind}") from None

@@ -1,5 +1,8 @@
 """Typed edge settings, read from `SPLITCLIP_*` environment variables (CLI flags override them).
 
+Parsed by splitclip.settings (the rules the cloud's settings follow too); a bad value is a one-line
+SettingsError. Every field below can be set as SPLITCLIP_<FIELD>; the usual ones:
+
 SPLITCLIP_BUNDLE              bundle directory (default: bundles/demo if it exists)
 SPLITCLIP_CLOUD               cloud gRPC address HOST:PORT; unset = local only
 SPLITCLIP_NODE_ID             node id sent in Hello and frames (default: edge-<hostname>-<pid>)
@@ -25,8 +28,11 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from splitclip import settings as loader
+from splitclip.settings import SettingsError
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "demo"  # built by `make demo`
 
@@ -59,19 +65,13 @@ class EdgeSettings:
     def from_env(env: Mapping[str, str] | None = None, **overrides: object) -> EdgeSettings:
         """Settings from `SPLITCLIP_*` variables; keyword overrides that are not None win."""
         env = os.environ if env is None else env
-        values: dict[str, object] = {}
-        for f in fields(EdgeSettings):
-            raw = env.get(f"SPLITCLIP_{f.name.upper()}")
-            if raw is None or raw == "":
-                continue
-            values[f.name] = _parse(f.name, raw)
+        values = loader.load(EdgeSettings, env, overrides, kind="edge")
         if "bundle" not in values and DEFAULT_BUNDLE.is_dir():
             values["bundle"] = DEFAULT_BUNDLE
         token_file = env.get("SPLITCLIP_NODE_TOKEN_FILE")
         if "node_token" not in values and token_file:
             values["node_token"] = Path(token_file).read_text().strip() or None
-        values.update({k: _coerce(k, v) for k, v in overrides.items() if v is not None})
-        s = EdgeSettings(**values)  # type: ignore[arg-type]
+        s = EdgeSettings(**values)
         if not s.node_id:
             s = replace(s, node_id=f"edge-{socket.gethostname()}-{os.getpid()}")
         s.validate()
@@ -79,35 +79,13 @@ class EdgeSettings:
 
     def validate(self) -> None:
         if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
+            raise SettingsError(f"window must be >= 1, got {self.window}")
         if self.frame_deadline_s <= 0 or self.hello_timeout_s <= 0:
-            raise ValueError("deadlines must be positive")
+            raise SettingsError(
+                f"deadlines must be positive, got frame_deadline_s={self.frame_deadline_s}, "
+                f"hello_timeout_s={self.hello_timeout_s}"
+            )
         if self.breaker_failures < 1:
-            raise ValueError(f"breaker_failures must be >= 1, got {self.breaker_failures}")
+            raise SettingsError(f"breaker_failures must be >= 1, got {self.breaker_failures}")
         if self.cloud is not None and ":" not in self.cloud:
-            raise ValueError(f"cloud must be HOST:PORT, got {self.cloud!r}")
-
-
-_TYPES = {f.name: f.type for f in fields(EdgeSettings)}
-
-
-def _parse(name: str, raw: str) -> object:
-    try:
-        return _coerce(name, raw)
-    except ValueError as e:
-        raise ValueError(f"SPLITCLIP_{name.upper()}={raw!r}: {e}") from None
-
-
-def _coerce(name: str, value: object) -> object:
-    if name not in _TYPES:
-        raise ValueError(f"unknown edge setting {name!r}")
-    t = str(_TYPES[name])
-    if not isinstance(value, str):
-        return value
-    if t.startswith("int"):
-        return int(value)
-    if t.startswith("float"):
-        return float(value)
-    if t.startswith("Path"):
-        return Path(value)
-    return value
+            raise SettingsError(f"cloud must be HOST:PORT, got {self.cloud!r}")

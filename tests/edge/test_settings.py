@@ -1,3 +1,5 @@
+"""EdgeSettings: typed SPLITCLIP_* variables (parsed by splitclip.settings), overrides, validation."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -5,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from edge_node.settings import EdgeSettings
+from splitclip.settings import SettingsError
 
 
 def test_reads_typed_values_from_the_environment(tmp_path: Path) -> None:
@@ -34,8 +37,20 @@ def test_overrides_win_and_none_does_not_override() -> None:
 
 
 @pytest.mark.parametrize(
-    ("var", "value"), [("SPLITCLIP_WINDOW", "0"), ("SPLITCLIP_CUT", "three"), ("SPLITCLIP_CLOUD", "noport")]
+    ("var", "value", "message"),
+    [
+        ("SPLITCLIP_WINDOW", "0", "window must be >= 1, got 0"),
+        ("SPLITCLIP_CUT", "three", "SPLITCLIP_CUT='three' is not a valid int"),
+        ("SPLITCLIP_FRAME_DEADLINE_S", "soon", "SPLITCLIP_FRAME_DEADLINE_S='soon' is not a valid float"),
+        ("SPLITCLIP_CLOUD", "noport", "cloud must be HOST:PORT, got 'noport'"),
+    ],
 )
-def test_rejects_bad_values(var: str, value: str) -> None:
-    with pytest.raises(ValueError):
+def test_rejects_bad_values(var: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError) as e:  # a ValueError too, for callers that catch that
         EdgeSettings.from_env({var: value})
+    assert str(e.value) == message
+
+
+def test_rejects_unknown_overrides() -> None:
+    with pytest.raises(SettingsError, match="unknown edge setting 'windows'"):
+        EdgeSettings.from_env({}, windows=2)
