@@ -14,12 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from splitclip.calibration import CalibrationError
 from splitclip.codec import (
     FLAG_ZSTD,
     HEADER_SIZE,
     PRESETS,
     Calibration,
+    CalibrationError,
     CodecError,
     Limits,
     PayloadTooLarge,
@@ -317,7 +317,7 @@ def test_kltans_fields_are_validated() -> None:
 def test_kltans_maps_every_coder_exception_to_codec_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import constriction
 
-    from splitclip import entropy
+    from splitclip.codec import entropy
 
     class PanicException(BaseException):  # what pyo3 raises for a Rust panic
         pass
@@ -638,7 +638,7 @@ def test_get_preset_lists_known_names() -> None:
     with pytest.raises(CodecError, match="unknown 'nope', expected one of lossless, fp16"):
         get_preset("nope")
     assert len(PRESETS) <= 16 and all(p.jpeg_quality == 90 for p in PRESETS.values())
-    # header preset id = position + 1: the list is append-only
+    # listed in header preset id order (ids are explicit now; see presets.py)
     assert list(PRESETS)[:12] == [
         "lossless", "fp16", "int8", "int8-zstd", "int4-zstd", "int8-prune50-zstd", "int4-prune50-zstd",
         "pca25-int8-zstd", "pca12-int8-zstd", "pca25-int4-zstd", "klt-q10-zstd", "klt-q20-zstd",

@@ -1,8 +1,12 @@
-"""ANS entropy coding of the KLT codec's integer symbols (constriction; no torch/ray).
+"""The entropy coders bodies use: zstd for whole bodies, and ANS for the KLT codec's integer symbols.
 
-Every symbol of PCA direction j is coded with a zero-mean quantised Gaussian whose std (in symbols) is
-`sqrt(var_j) / step_j`, clipped to [MODEL_STD_MIN, MODEL_STD_MAX], restricted to the frame's support
-[-K, K]. The model follows from the calibration the bundle ships, so the wire carries only K and the ANS
+zstd: a body is compressed as one frame that records its content size, and sent raw if that does not
+make it smaller (FLAG_ZSTD says which). Reading trusts nothing: the declared size must be the header's
+raw_len before anything is decompressed, and the single frame must consume the whole body.
+
+ANS (constriction; no torch/ray): every symbol of PCA direction j is coded with a zero-mean quantised
+Gaussian whose std (in symbols) is `sqrt(var_j) / step_j`, clipped to [MODEL_STD_MIN, MODEL_STD_MAX],
+restricted to the frame's support [-K, K]. The model follows from the calibration the bundle ships, so the wire carries only K and the ANS
 words. Leaky quantisation gives every symbol in [-K, K] a nonzero probability, so any frame is encodable
 whatever the calibration says; a poorly matched model only costs bytes.
 
@@ -17,9 +21,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import numpy as np
+import zstandard
 from numpy.typing import NDArray
 
-from splitclip.calibration import CodecError
+from splitclip.codec.errors import CodecError
 
 # constriction's default ANS coder: 32-bit words, 24-bit probabilities. 2 * K + 1 symbols must fit in
 # 2^24 with room to spare, and the codec's symbols are int16 anyway.
@@ -28,6 +33,31 @@ MODEL_STD_MIN = 0.05  # a direction with (near) zero calibration variance still 
 MODEL_STD_MAX = 1.0e6
 
 T = TypeVar("T")
+
+
+def zstd_pack(raw: bytes, level: int) -> bytes | None:
+    """raw as one zstd frame, or None when that is not smaller (incompressible bodies go raw)."""
+    packed = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
+    return packed if len(packed) < len(raw) else None
+
+
+def zstd_unpack(body: bytes, raw_len: int) -> bytes:
+    """The raw body of a zstd-flagged body; CodecError unless it is one frame of exactly raw_len bytes."""
+    # decompress() trusts a frame's declared content size over max_output_size: check it first
+    try:
+        declared = zstandard.frame_content_size(body)
+    except zstandard.ZstdError as e:
+        raise CodecError(f"body: not a zstd frame ({e})") from None
+    if declared != raw_len:
+        raise CodecError(f"body: zstd content size {declared}, expected {raw_len} (header.raw_len)")
+    dobj = zstandard.ZstdDecompressor(max_window_size=1 << 24).decompressobj()
+    try:
+        out = dobj.decompress(body)
+    except zstandard.ZstdError as e:
+        raise CodecError(f"body: zstd decompression failed ({e})") from None
+    if not dobj.eof or dobj.unused_data:
+        raise CodecError("body: expected exactly one complete zstd frame")
+    return out
 
 
 def _constriction() -> Any:
