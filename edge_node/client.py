@@ -23,6 +23,7 @@ import grpc
 
 from edge_node.retry import call_with_retry
 from edge_node.settings import EdgeSettings
+from splitclip.settings import SettingsError
 from splitclip.wire import pb, pb_grpc
 
 log = logging.getLogger("splitclip.edge")
@@ -45,12 +46,37 @@ def channel_options(s: EdgeSettings) -> list[tuple[str, Any]]:
     ]
 
 
+def channel_credentials(s: EdgeSettings) -> grpc.ChannelCredentials | None:
+    """TLS credentials of the channel, or None for an insecure one (no SPLITCLIP_TLS_CA).
+
+    A configured CA file that is missing is a SettingsError, unless SPLITCLIP_TLS_CA_OPTIONAL says it
+    is an optional mount (the edge DaemonSet's TLS Secret): then TLS trusting the system's CAs, with
+    one warning. Never plaintext in its place: that would send the node token in clear to a TLS port.
+    """
+    if s.tls_ca is None:
+        return None
+    if s.tls_ca.is_file():
+        return grpc.ssl_channel_credentials(root_certificates=s.tls_ca.read_bytes())
+    if not s.tls_ca_optional:
+        raise SettingsError(
+            f"SPLITCLIP_TLS_CA={str(s.tls_ca)!r} is not a file "
+            "(set SPLITCLIP_TLS_CA_OPTIONAL=true if it may be absent)"
+        )
+    log.warning(
+        "TLS CA %s is absent (SPLITCLIP_TLS_CA_OPTIONAL): TLS to %s trusting the system's CAs; "
+        "if they do not trust its certificate, this node answers locally",
+        s.tls_ca,
+        s.cloud,
+    )
+    return grpc.ssl_channel_credentials()
+
+
 def make_channel(s: EdgeSettings) -> grpc.Channel:
     assert s.cloud is not None
     options = channel_options(s)
-    if s.tls_ca is None:
+    creds = channel_credentials(s)
+    if creds is None:
         return grpc.insecure_channel(s.cloud, options=options)
-    creds = grpc.ssl_channel_credentials(root_certificates=s.tls_ca.read_bytes())
     if s.tls_server_name:
         options.append(("grpc.ssl_target_name_override", s.tls_server_name))
     return grpc.secure_channel(s.cloud, creds, options=options)

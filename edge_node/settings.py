@@ -9,6 +9,8 @@ SPLITCLIP_NODE_ID             node id sent in Hello and frames (default: edge-<h
 SPLITCLIP_NODE_TOKEN          optional bearer token, sent as gRPC metadata
 SPLITCLIP_NODE_TOKEN_FILE     ... or a file holding it (a mounted secret)
 SPLITCLIP_TLS_CA              PEM file of the CA: use a TLS channel instead of an insecure one
+SPLITCLIP_TLS_CA_OPTIONAL     true: that file may be absent (an optional mounted Secret); then TLS
+                              trusting the system's CAs, and one warning (default false: an error)
 SPLITCLIP_TLS_SERVER_NAME     override the TLS target name (tests, IP addresses)
 SPLITCLIP_CUT                 cut k in 0..L (default: the bundle's planned cut, else L // 2)
 SPLITCLIP_CODEC               codec preset (default: int8-zstd)
@@ -44,6 +46,7 @@ class EdgeSettings:
     node_id: str = ""  # filled in by from_env when empty
     node_token: str | None = None  # sent as `x-splitclip-token` gRPC metadata
     tls_ca: Path | None = None  # CA bundle (PEM): TLS when set
+    tls_ca_optional: bool = False  # tls_ca may be absent (an optional Secret): then TLS with the system CAs
     tls_server_name: str | None = None
     cut: int | None = None  # None = planned cut from the bundle, else L // 2
     codec: str = "int8-zstd"

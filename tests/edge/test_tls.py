@@ -1,5 +1,6 @@
 """TLS channel credentials (SPLITCLIP_TLS_CA): the node talks split mode to a TLS gRPC server whose
-certificate it trusts, and falls back to local when it speaks plaintext to that server."""
+certificate it trusts, falls back to local when it speaks plaintext to that server, and with an
+optional CA that is absent (SPLITCLIP_TLS_CA_OPTIONAL) still speaks TLS, trusting the system's CAs."""
 
 from __future__ import annotations
 
@@ -51,3 +52,18 @@ def test_plaintext_to_a_tls_server_answers_locally(bundle: Path, images: list[np
         assert node.mode == "local"
         r = node.classify(images[0], PROMPTS)
     assert r.mode == "local" and r.ok
+
+
+def test_an_absent_optional_ca_means_tls_with_the_system_cas(
+    bundle: Path, images: list[np.ndarray], tls_cloud, tmp_path: Path
+) -> None:
+    rc, addr, crt = tls_cloud
+    absent = tmp_path / "not-mounted" / "ca.crt"
+    # the system's CAs do not trust this self-signed certificate: the handshake fails, the node answers
+    # locally, and no call ever reaches the server
+    with EdgeNode(bundle, cloud=addr, tls_ca=absent, tls_ca_optional=True, hello_timeout_s=1.0) as node:
+        assert node.mode == "local"
+        r = node.classify(images[0], PROMPTS)
+    assert r.mode == "local" and r.ok and rc.classify_calls == 0
+    with EdgeNode(bundle, cloud=addr, tls_ca=crt, tls_ca_optional=True, codec="lossless") as node:
+        assert node.mode == "split", node.mode_reason  # when it is there, the optional CA is used
