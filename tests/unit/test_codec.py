@@ -638,11 +638,57 @@ def test_get_preset_lists_known_names() -> None:
     with pytest.raises(CodecError, match="unknown 'nope', expected one of lossless, fp16"):
         get_preset("nope")
     assert len(PRESETS) <= 16 and all(p.jpeg_quality == 90 for p in PRESETS.values())
-    # listed in header preset id order (ids are explicit now; see presets.py)
-    assert list(PRESETS)[:12] == [
-        "lossless", "fp16", "int8", "int8-zstd", "int4-zstd", "int8-prune50-zstd", "int4-prune50-zstd",
-        "pca25-int8-zstd", "pca12-int8-zstd", "pca25-int4-zstd", "klt-q10-zstd", "klt-q20-zstd",
-    ]  # fmt: skip
+
+
+# Before ids were explicit, a preset's header id was its position in the preset list + 1.
+OLD_PRESET_ORDER = [
+    "lossless", "fp16", "int8", "int8-zstd", "int4-zstd", "int8-prune50-zstd", "int4-prune50-zstd",
+    "pca25-int8-zstd", "pca12-int8-zstd", "pca25-int4-zstd", "klt-q10-zstd", "klt-q20-zstd",
+    "klt-q10-ans", "klt-q15-ans", "klt-q20-ans", "klt-q40-ans",
+]  # fmt: skip
+
+
+def test_preset_ids_are_unique_and_keep_the_old_positions() -> None:
+    ids = {name: p.id for name, p in PRESETS.items()}
+    assert len(set(ids.values())) == len(ids) and 0 not in ids.values()
+    assert {n: ids[n] for n in OLD_PRESET_ORDER} == {n: i + 1 for i, n in enumerate(OLD_PRESET_ORDER)}
+    assert all(i > len(OLD_PRESET_ORDER) for n, i in ids.items() if n not in OLD_PRESET_ORDER)  # appended
+    x = np.zeros(SPEC.embed_dim, np.float32)
+    for name, p in PRESETS.items():
+        payload = encode(x, cut=SPEC.num_blocks, spec=SPEC, preset=name)
+        assert read_header(payload).preset_id == p.id
+        assert decode(payload, cut=SPEC.num_blocks, spec=SPEC).preset == name
+    # an unnamed preset is recorded as id 0, one that reuses a name under that name's id (as before)
+    assert read_header(encode(x, cut=SPEC.num_blocks, spec=SPEC, preset=Preset("x-new"))).preset_id == 0
+    assert (
+        read_header(encode(x, cut=SPEC.num_blocks, spec=SPEC, preset=Preset("int8", "fp16"))).preset_id == 3
+    )
+    with pytest.raises(CodecError, match="id 256, expected 0..255"):
+        Preset("bad", id=256)
+
+
+def test_every_header_dtype_has_one_body_format() -> None:
+    from splitclip.codec.api import READERS, writer
+    from splitclip.codec.frame import KIND_DTYPES, KIND_NAMES
+
+    assert set(READERS) == {(k, d) for k, dts in KIND_DTYPES.items() for d in dts}
+    # each preset's writer, at each kind, is the reader of the dtype it writes
+    xs = {
+        "image": np.zeros((SPEC.image_size, SPEC.image_size, 3), np.uint8),
+        "hidden": np.ones((SPEC.num_tokens, SPEC.width), np.float32),
+        "embedding": np.ones(SPEC.embed_dim, np.float32),
+    }
+    for p in PRESETS.values():
+        for kind, cut in (("image", 0), ("hidden", 2), ("embedding", SPEC.num_blocks)):
+            h = read_header(encode(xs[kind], cut=cut, spec=SPEC, preset=p, calibration=CAL))
+            assert KIND_NAMES[h.kind] == kind and READERS[(h.kind, h.dtype)] is writer(kind, p)
+
+
+def test_codec_errors_are_splitclip_errors() -> None:
+    from splitclip.errors import SplitclipError
+
+    for e in (CodecError, CalibrationError, PayloadTooLarge):
+        assert issubclass(e, SplitclipError) and issubclass(e, ValueError) and issubclass(e, CodecError)
 
 
 def test_from_manifest() -> None:
