@@ -15,6 +15,8 @@ import sys
 import threading
 from pathlib import Path
 
+HELP = "start the Ray Serve cloud service (local Ray, embedded Valkey)"
+
 DESCRIPTION = """\
 Start the splitclip cloud service on this machine: a local Ray cluster running Ray Serve with
 deploy/serve_config.yaml (the same file `serve deploy` uses), reachable through Serve's gRPC proxy

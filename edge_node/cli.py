@@ -18,6 +18,8 @@ from typing import TextIO
 from edge_node.results import EdgeResult
 from splitclip.classify import read_labels
 
+HELP = "classify images on an edge node: split via the cloud, local fallback"
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 

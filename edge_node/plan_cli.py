@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+HELP = "rank cuts x codec presets by latency on this device per bandwidth"
+
 ROOT = Path(__file__).resolve().parent.parent
 # >= 99 % top-1 agreement at cut L/2 on the demo model (docs/bench_codecs.md)
 DEFAULT_PRESETS = "fp16,int8-zstd,klt-q10-zstd,klt-q10-ans"

@@ -17,6 +17,8 @@ from pathlib import Path
 from edge_node.cli import IMAGE_SUFFIXES
 from splitclip.classify import read_labels
 
+HELP = "classify images dropped into a directory until stopped"
+
 log = logging.getLogger("splitclip.edge.watch")
 
 

@@ -20,7 +20,7 @@ def write_calibration(
     import onnxruntime as ort
     from tqdm import tqdm
 
-    from partitioner.demo_data import make_split
+    from demo.data import make_split
 
     cfg = PreprocessConfig.from_dict(json.loads((bundle_dir / "preprocess.json").read_text()))
     images = [im for im, _, _ in make_split(n_images, seed=seed, split="train", image_size=cfg.crop_size)]

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from splitclip.errors import SplitclipError
+
 if TYPE_CHECKING:
     from transformers import CLIPModel
 
@@ -18,7 +20,7 @@ WEIGHT_FILES = (
 REQUIRED = ("config.json", "tokenizer.json", "preprocessor_config.json")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SplitclipError, ValueError):
     """The checkpoint is missing, incomplete, or not a CLIP model."""
 
 

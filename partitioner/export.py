@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from splitclip.bundle import Manifest, block_file, load_bundle, write_manifest
 from splitclip.preprocess import PreprocessConfig
 
+HELP = "split a CLIP checkpoint into an ONNX bundle (any cut 0..L)"
+
 if TYPE_CHECKING:
     import torch
     from transformers import CLIPModel

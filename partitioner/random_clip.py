@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+HELP = "save a random-weight CLIP checkpoint (tests, benchmarks)"
+
 WORDS = [
     "a",
     "photo",

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from splitclip.errors import SplitclipError
+
 if TYPE_CHECKING:
     from splitclip.calibration import Calibration
 
@@ -31,7 +33,7 @@ MANIFEST_NAME = "manifest.json"
 CALIBRATION_FILE = "calibration.npz"
 
 
-class BundleError(ValueError):
+class BundleError(SplitclipError, ValueError):
     """A bundle is missing, tampered with, or does not match its manifest."""
 
 

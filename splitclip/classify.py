@@ -16,6 +16,8 @@ from splitclip.prompts import PromptSet, prompt_set, score, top_k
 from splitclip.runtime import BundleRuntime
 from splitclip.tower import Tower
 
+HELP = "classify images locally with a bundle (full local inference)"
+
 
 def classify_local(rt: BundleRuntime, images: Sequence[ImageLike], prompts: PromptSet) -> NDArray[np.float32]:
     """Full local inference: probabilities [n_images, n_labels]."""

@@ -1,48 +1,35 @@
-"""The `splitclip` command. Each subcommand lives in its own module with `build_parser(p)` and `run(args)`;
-modules keep heavy imports (torch, ray) inside `run`, so `--help` stays fast and the edge install,
-which has no torch, can still run its commands."""
+"""The `splitclip` command: finds its subcommands through entry points, so this module imports no side.
+
+Each part registers its commands in pyproject.toml under `[project.entry-points."splitclip.commands"]`
+as `"group.name" = "package.module"`; the module has `HELP`, `build_parser(p)` and `run(args)` and keeps
+heavy imports (torch, ray) inside `run`, so `--help` stays fast and an edge install without torch still
+runs its own commands. Entry points rather than a list here: the shared package must not name the sides
+above it, and an install that lacks a side simply lacks its commands.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Sequence
+from importlib import metadata
 
-# (command path, module, one-line help)
-COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
-    (("train-demo",), "partitioner.train_demo", "train the small demo CLIP model on generated shapes"),
-    (
-        ("eval-demo",),
-        "partitioner.demo_eval",
-        "zero-shot accuracy of a demo checkpoint on seen / held-out combos",
-    ),
-    (("random-clip",), "partitioner.random_clip", "save a random-weight CLIP checkpoint (tests, benchmarks)"),
-    (("partition",), "partitioner.export", "split a CLIP checkpoint into an ONNX bundle (any cut 0..L)"),
-    (("classify",), "splitclip.classify", "classify images locally with a bundle (full local inference)"),
-    (
-        ("edge", "classify"),
-        "edge_node.cli",
-        "classify images on an edge node: split via the cloud, local fallback",
-    ),
-    (("edge", "watch"), "edge_node.watch", "classify images dropped into a directory until stopped"),
-    (
-        ("edge", "plan"),
-        "edge_node.plan_cli",
-        "rank cuts x codec presets by latency on this device per bandwidth",
-    ),
-    (("cloud",), "cloud_service.cli", "start the Ray Serve cloud service (local Ray, embedded Valkey)"),
-    (
-        ("bench", "codecs"),
-        "splitclip.bench_codecs",
-        "bytes / agreement / speed of every codec preset at several cuts",
-    ),
-    (("bench", "cloud"), "cloud_service.bench", "whole-path gRPC throughput vs raw ONNX Runtime tail"),
-    (("bench", "edge"), "edge_node.bench", "edge footprint, overhead and failover time"),
-    (("demo",), "splitclip.demo", "the whole system on embedded defaults (what `make demo` runs)"),
-]
+from splitclip.errors import SplitclipError
 
-GROUP_HELP = {"edge": "edge node commands", "bench": "benchmarks that print tables"}
+GROUP = "splitclip.commands"
+GROUP_HELP = {
+    "edge": "edge node commands",
+    "bench": "benchmarks that print tables",
+    "cloud": "start the cloud service, or look at it",
+}
+
+
+def commands() -> list[tuple[tuple[str, ...], str]]:
+    """(command path, module) for every registered command, in a stable order."""
+    eps = metadata.entry_points(group=GROUP)
+    return sorted((tuple(ep.name.split(".")), ep.value) for ep in eps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,40 +38,60 @@ def build_parser() -> argparse.ArgumentParser:
         description="Edge-cloud split inference for CLIP-style models. Run `splitclip COMMAND --help` for details.",
     )
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    groups: dict[str, argparse._SubParsersAction] = {}
-    for path, module, help_text in COMMANDS:
-        if len(path) == 1:
-            sub = top.add_parser(path[0], help=help_text, description=help_text)
-        else:
-            group = groups.get(path[0])
-            if group is None:
-                gp = top.add_parser(path[0], help=GROUP_HELP[path[0]], description=GROUP_HELP[path[0]])
-                group = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
-                groups[path[0]] = group
-            sub = group.add_parser(path[1], help=help_text, description=help_text)
-        sub.set_defaults(_module=module)
+    parsers: dict[tuple[str, ...], argparse.ArgumentParser] = {}
+    subs: dict[tuple[str, ...], argparse._SubParsersAction] = {(): top}
+    for path, module in commands():
         try:
             mod = importlib.import_module(module)
+            help_text = str(getattr(mod, "HELP", "") or (mod.__doc__ or "").strip().splitlines()[0])
         except ImportError as e:  # e.g. the cloud extra is not installed on an edge device
-            sub.set_defaults(_unavailable=f"`splitclip {' '.join(path)}` is unavailable here: {e}")
+            mod, help_text = None, f"unavailable here: {e}"
+        for depth in range(1, len(path) + 1):
+            prefix = path[:depth]
+            if prefix in parsers and depth < len(path):
+                continue
+            parent = prefix[:-1]
+            if parent not in subs:
+                # a group that is also a command (`splitclip cloud`): its subcommands are optional
+                subs[parent] = parsers[parent].add_subparsers(
+                    dest=f"sub{len(parent)}", metavar="SUBCOMMAND", required=parent not in _RUNNABLE
+                )
+            if prefix not in parsers:
+                text = help_text if depth == len(path) else GROUP_HELP.get(prefix[-1], "")
+                parsers[prefix] = subs[parent].add_parser(prefix[-1], help=text, description=text)
+        p = parsers[path]
+        _RUNNABLE.add(path)
+        if mod is None:
+            p.set_defaults(_unavailable=f"`splitclip {' '.join(path)}` is {help_text}")
             continue
-        mod.build_parser(sub)
+        p.set_defaults(_module=module, _unavailable=None)
+        mod.build_parser(p)
     return parser
 
 
+_RUNNABLE: set[tuple[str, ...]] = set()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if getattr(args, "_unavailable", None):
         print(args._unavailable, file=sys.stderr)
+        return 2
+    if not getattr(args, "_module", None):
+        parser.print_help(sys.stderr)
         return 2
     mod = importlib.import_module(args._module)
     try:
         return int(mod.run(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except ValueError as e:  # BundleError, CheckpointError, CodecError, PromptError: user-facing
+    except SplitclipError as e:  # an expected user error: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception:  # a bug: keep the traceback
+        traceback.print_exc()
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_node.cloudproc import free_port
+from demo.cloudproc import free_port
 
 TOKEN = "test-node-token"
 

@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from cloud_service.client import CloudClient
+from benchmarks.cloud_client import CloudClient
 from cloud_service.grpc_api import pb
-from edge_node.cloudproc import free_port
+from demo.cloudproc import free_port
 from splitclip.bundle import load_bundle
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import redis
 
+from benchmarks.cloud_client import CloudClient, FrameMaker, text_embeddings
 from cloud_service.cache import NodeRegistry, prompt_key
-from cloud_service.client import CloudClient, FrameMaker, text_embeddings
 from cloud_service.grpc_api import pb
 from splitclip.classify import classify_local
 from splitclip.prompts import average_templates, prompt_set, zero_shot_probs

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edge_node.cloudproc import free_port
+from demo.cloudproc import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_node.cloudproc import CloudProcess, session_members
+from demo.cloudproc import CloudProcess, session_members
 from edge_node.node import EdgeNode
 from edge_node.results import EdgeResult
 from splitclip import codec
@@ -30,7 +30,7 @@ def wait_answering(c: CloudProcess, bundle_id: str, timeout_s: float = 120.0) ->
     RUNNING, which can be before the proxy routes to it on a loaded box. Test clocks start after this."""
     import grpc
 
-    from cloud_service.client import CloudClient
+    from benchmarks.cloud_client import CloudClient
     from splitclip.wire import pb
 
     deadline = time.monotonic() + timeout_s

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from splitclip.cli import COMMANDS, main
+from splitclip.cli import commands, main
 
 
-@pytest.mark.parametrize("path", [c[0] for c in COMMANDS], ids=lambda p: " ".join(p))
+@pytest.mark.parametrize("path", [c[0] for c in commands()], ids=lambda p: " ".join(p))
 def test_help(path: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         main([*path, "--help"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from partitioner import demo_data as dd
+from demo import data as dd
 
 CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "demo-clip"
 

@@ -1,4 +1,4 @@
-"""partitioner.train_demo: a short run is deterministic with a seed and writes a loadable HF checkpoint."""
+"""demo.train: a short run is deterministic with a seed and writes a loadable HF checkpoint."""
 
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ from splitclip.classify import classify_local
 from splitclip.prompts import prompt_set, top_k
 from splitclip.runtime import BundleRuntime
 
+HELP = "the whole system on embedded defaults (what `make demo` runs)"
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / "models" / "demo-clip"
 SAMPLES = ROOT / "models" / "samples"
@@ -40,7 +42,7 @@ def ensure_demo_bundle(model: Path = DEMO_MODEL, out: Path = DEMO_BUNDLE) -> Pat
 
 
 def demo_labels() -> list[str]:
-    from partitioner.demo_data import label_names
+    from demo.data import label_names
 
     return label_names()
 
@@ -62,8 +64,8 @@ def build_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     bundle = ensure_demo_bundle()
-    if not args.local_only and importlib.util.find_spec("edge_node.demo") is not None:
-        from edge_node.demo import run_demo
+    if not args.local_only and importlib.util.find_spec("demo.driver") is not None:
+        from demo.driver import run_demo
 
         return int(run_demo(bundle) or 0)
     local_demo(bundle)

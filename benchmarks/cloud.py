@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+HELP = "whole-path gRPC throughput vs raw ONNX Runtime tail"
+
 DESCRIPTION = __doc__.split("\n", 2)[2] if __doc__ else ""
 
 
@@ -155,7 +157,7 @@ async def wait_answering(address: str, frame: Any, timeout_s: float = 120.0) -> 
     and a client in `drive` stops at its first error."""
     import grpc
 
-    from cloud_service.client import CHANNEL_OPTIONS
+    from benchmarks.cloud_client import CHANNEL_OPTIONS
     from cloud_service.grpc_api import pb_grpc
 
     deadline = time.monotonic() + timeout_s
@@ -179,7 +181,7 @@ async def drive(
     stream keeping `clients` frames in flight); `repeat` windows of `duration` s after `warmup`."""
     import grpc
 
-    from cloud_service.client import CHANNEL_OPTIONS
+    from benchmarks.cloud_client import CHANNEL_OPTIONS
     from cloud_service.grpc_api import pb_grpc
 
     p = Point(name)
@@ -247,8 +249,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from ray import serve
 
+    from benchmarks.cloud_client import FrameMaker
     from cloud_service import launch
-    from cloud_service.client import FrameMaker
     from cloud_service.embedded_redis import EmbeddedRedis
     from cloud_service.settings import CloudSettings
     from splitclip import codec

@@ -23,6 +23,8 @@ from splitclip.codec import PRESETS, Calibration, Preset, TensorSpec, decode, en
 from splitclip.runtime import BundleRuntime
 from splitclip.tower import Tower
 
+HELP = "bytes / agreement / speed of every codec preset at several cuts"
+
 DEFAULT_DOC = Path(__file__).resolve().parent.parent / "docs" / "bench_codecs.md"
 
 
@@ -84,7 +86,7 @@ def bench(
     seed: int = 2024,
     progress: bool = True,
 ) -> tuple[list[Row], dict[str, float]]:
-    from partitioner.demo_data import label_prompts, make_split
+    from demo.data import label_prompts, make_split
 
     rt = BundleRuntime(bundle)
     m = rt.manifest

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from partitioner import demo_data
+from demo import data as demo_data
+
+HELP = "train the small demo CLIP model on generated shapes"
 
 if TYPE_CHECKING:
     import torch
@@ -253,7 +255,7 @@ def build_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from partitioner.demo_eval import evaluate, format_table
+    from demo.eval import evaluate, format_table
 
     t0 = time.perf_counter()
     info = train(args)

@@ -9,8 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from partitioner import demo_data
+from demo import data as demo_data
 from splitclip.preprocess import PreprocessConfig, preprocess
+
+HELP = "zero-shot accuracy of a demo checkpoint on seen / held-out combos"
 
 
 def evaluate(model_dir: str | Path, n: int = 1000, seed: int = 1234, threads: int = 2) -> dict[str, Any]:

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from demo.cloudproc import CloudProcess, session_members
 from edge_node.cli import print_table
-from edge_node.cloudproc import CloudProcess, session_members
 from edge_node.node import EdgeNode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ def _classify(node: EdgeNode, images: list[Path], prompts: list[str]) -> None:
 
 
 def run_demo(bundle: Path, samples: Path = SAMPLES) -> int:
-    from splitclip.demo import demo_labels
+    from demo.command import demo_labels
 
     images = sorted(samples.glob("*.png"))
     if not images:

@@ -43,6 +43,8 @@ t1 = time.perf_counter()
 import numpy as np
 from PIL import Image
 from tokenizers import Tokenizer
+
+HELP = "edge footprint, overhead and failover time"
 model = CLIPModel.from_pretrained({model!r}).eval()
 pixels = CLIPImageProcessor.from_pretrained({model!r})(Image.fromarray(np.zeros((224, 224, 3), np.uint8)),
                                                       return_tensors="pt")["pixel_values"]
@@ -141,7 +143,7 @@ def overhead(bundle: Path, cut: int | None, codec_name: str, frames: int) -> dic
 def failover(bundle: Path) -> dict[str, float]:
     import numpy as np
 
-    from edge_node.cloudproc import CloudProcess
+    from demo.cloudproc import CloudProcess
     from edge_node.node import EdgeNode
 
     img = np.zeros((224, 224, 3), np.uint8)
