@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
+from splitclip.errors import UsageError
 from splitclip.preprocess import ImageLike
 from splitclip.prompts import PromptSet, prompt_set, score, top_k
 from splitclip.runtime import BundleRuntime
@@ -26,9 +27,19 @@ def classify_local(rt: BundleRuntime, images: Sequence[ImageLike], prompts: Prom
 
 
 def read_labels(path: str | Path) -> list[str]:
-    """One prompt per line; blank lines and lines starting with '#' are skipped."""
-    lines = [line.strip() for line in Path(path).read_text().splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
+    """One prompt per line; blank lines and lines starting with '#' are skipped. A missing, unreadable
+    or empty file is a UsageError naming it."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UsageError(f"label file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"label file {path} cannot be read: {e}") from None
+    lines = [line.strip() for line in text.splitlines()]
+    labels = [line for line in lines if line and not line.startswith("#")]
+    if not labels:
+        raise UsageError(f"label file {path} is empty (no lines other than blanks and # comments)")
+    return labels
 
 
 def read_prompts(prompts: list[str] | None, labels_file: str | None) -> list[str]:
@@ -36,7 +47,7 @@ def read_prompts(prompts: list[str] | None, labels_file: str | None) -> list[str
     if labels_file:
         out += read_labels(labels_file)
     if not out:
-        raise ValueError("give prompts with --prompt TEXT (repeatable) or --labels FILE (one per line)")
+        raise UsageError("give prompts with --prompt TEXT (repeatable) or --labels FILE (one per line)")
     return out
 
 
