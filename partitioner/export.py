@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -15,10 +16,13 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from partitioner.calibrate import images_in, write_calibration
 from splitclip.bundle import Manifest, block_file, load_bundle, write_manifest
+from splitclip.errors import SplitclipError
 from splitclip.preprocess import PreprocessConfig
 
 HELP = "split a CLIP checkpoint into an ONNX bundle (any cut 0..L)"
+log = logging.getLogger("splitclip.partition")
 
 if TYPE_CHECKING:
     import torch
@@ -125,18 +129,32 @@ def text_eos_id(model: CLIPModel, tokenizer_path: Path) -> int:
 
 
 def partition(
-    source: str | Path, out: str | Path, *, calibration_images: int = 64, progress: bool = True
+    source: str | Path,
+    out: str | Path,
+    *,
+    calibration_images: int = 64,
+    calibration_dir: str | Path | None = None,
+    progress: bool = True,
 ) -> Manifest:
-    """Export the bundle into `out` (replaced atomically); return its manifest."""
+    """Export the bundle into `out` (replaced atomically); return its manifest. The codec calibration is
+    fitted on up to `calibration_images` images from `calibration_dir`, else on that many synthetic
+    shapes (0 = no calibration.npz)."""
     import torch
     from tqdm import tqdm
 
     from partitioner.checkpoint import load_clip
 
+    out = Path(out)
+    _check_out(out)
+    cal_images = images_in(Path(calibration_dir), calibration_images) if calibration_dir else None
     torch.manual_seed(0)
     model, path = load_clip(source)
     vc, tc = model.config.vision_config, model.config.text_config
-    out = Path(out)
+    if calibration_images > 0 and cal_images is None and not (path / "training.json").is_file():
+        log.warning(
+            "no --calibration-images given: the lossy codec presets of this bundle are calibrated on "
+            "synthetic shapes, not on images like yours; pass --calibration-images DIR for a real model"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: a reader never sees a half-written bundle.
     tmp = Path(tempfile.mkdtemp(prefix=".partition-", dir=out.parent))
@@ -162,9 +180,7 @@ def partition(
         hf_pre = json.loads((path / "preprocessor_config.json").read_text())
         (tmp / "preprocess.json").write_text(PreprocessConfig.from_hf(hf_pre).to_json())
         if calibration_images > 0:
-            from partitioner.calibrate import write_calibration
-
-            write_calibration(tmp, n_images=calibration_images, progress=progress)
+            write_calibration(tmp, images=cal_images, n_images=calibration_images, progress=progress)
         fields: dict[str, Any] = {
             "model_name": path.resolve().name,
             "embed_dim": int(model.config.projection_dim),
@@ -195,21 +211,48 @@ def partition(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+class OutputError(SplitclipError, ValueError):
+    """--out cannot be written (it, or a parent, is a file)."""
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a bundle directory")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"--out {out}: {parent} is a file, not a directory")
+            break
+
+
 def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="Hugging Face CLIP checkpoint: a local directory (or a hub id when online)")
     p.add_argument("--out", required=True, help="bundle directory to write (replaced if it exists)")
     p.add_argument(
         "--calibration-images",
+        metavar="DIR",
+        help="a directory of images like the ones the nodes will see: the codec's per-cut PCA bases are "
+        "fitted on them (default: synthetic shapes, right only for the demo model)",
+    )
+    p.add_argument(
+        "--calibration-count",
         type=int,
         default=64,
-        help="generated images used to fit the codec's per-cut PCA bases (0 = no calibration.npz)",
+        metavar="N",
+        help="how many calibration images to use (default 64; 0 = no calibration.npz, no lossy presets)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    m = partition(args.model, args.out, calibration_images=args.calibration_images, progress=not args.quiet)
+    m = partition(
+        args.model,
+        args.out,
+        calibration_images=args.calibration_count,
+        calibration_dir=args.calibration_images,
+        progress=not args.quiet,
+    )
     load_bundle(args.out)  # verify what we wrote
     v = m.vision
     print(

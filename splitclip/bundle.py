@@ -11,8 +11,10 @@ A bundle directory looks like this (names are relative to it):
     preprocess.json          resize / crop / mean / std (see splitclip.preprocess)
     calibration.npz          optional: per-cut PCA bases for the codec (see splitclip.codec)
 
-The bundle id is derived from the sha256 of every listed file, so two bundles with the same id run
-the same numbers. Loading verifies every hash; nothing here imports torch or ray.
+The bundle id is a hash over the manifest's whole content (every field but the id itself, the sha256
+of every listed file among them), so two bundles with the same id run the same numbers and score the
+same way. The manifest also keeps a digest per field (`content_sha256`), so an edited field is named
+when the bundle is loaded. Loading verifies every hash; nothing here imports torch or ray.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from typing import TYPE_CHECKING
 from splitclip.errors import SplitclipError
 
 if TYPE_CHECKING:
-    from splitclip.calibration import Calibration
+    from splitclip.codec import Calibration
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2  # 2: the id covers the manifest content, not only the files
 MANIFEST_NAME = "manifest.json"
 CALIBRATION_FILE = "calibration.npz"
 
@@ -66,6 +68,7 @@ class Manifest:
     files: dict[str, str]  # relative path -> sha256
     format: int = BUNDLE_FORMAT
     extra: dict[str, object] = field(default_factory=dict)
+    content_sha256: dict[str, str] = field(default_factory=dict)  # field path -> digest of its value
 
     @property
     def num_blocks(self) -> int:
@@ -91,6 +94,7 @@ class Manifest:
                 files={str(k): str(v) for k, v in data["files"].items()},
                 format=int(data.get("format", BUNDLE_FORMAT)),
                 extra=dict(data.get("extra", {})),
+                content_sha256={str(k): str(v) for k, v in data.get("content_sha256", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"manifest.json is malformed: {e!r}") from e
@@ -108,12 +112,60 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def bundle_id_of(files: dict[str, str]) -> str:
-    """Bundle id: a short hash over the sorted (path, sha256) list."""
+_NOT_CONTENT = ("bundle_id", "content_sha256")
+
+
+def content_digests(data: dict) -> dict[str, str]:
+    """A digest per leaf field of a manifest dict ("logit_scale", "vision.num_blocks",
+    "files.text.onnx", ...), everything but the id and these digests themselves."""
+    out: dict[str, str] = {}
+
+    def walk(path: list[str], value: object) -> None:
+        if isinstance(value, dict) and value:
+            for k in sorted(value):
+                walk([*path, str(k)], value[k])
+            return
+        body = json.dumps([path, value], sort_keys=True, separators=(",", ":"))
+        out[".".join(path)] = hashlib.sha256(body.encode()).hexdigest()[:16]
+
+    for k in sorted(data):
+        if k not in _NOT_CONTENT:
+            walk([k], data[k])
+    return out
+
+
+def bundle_id_of(data: dict) -> str:
+    """Bundle id: a short hash over the per-field digests of the manifest's content."""
     h = hashlib.sha256()
-    for name in sorted(files):
-        h.update(f"{name}\0{files[name]}\n".encode())
+    for name, digest in sorted(content_digests(data).items()):
+        h.update(f"{name}\0{digest}\n".encode())
     return "b-" + h.hexdigest()[:16]
+
+
+def seal(data: dict) -> dict:
+    """The manifest dict with its per-field digests and id filled in from its content."""
+    body = {k: v for k, v in data.items() if k not in _NOT_CONTENT}
+    return {**body, "content_sha256": content_digests(body), "bundle_id": bundle_id_of(body)}
+
+
+def _check_content(data: dict, where: Path) -> None:
+    """Name the fields whose value no longer matches its digest, then check the id itself."""
+    stored = data.get("content_sha256")
+    if not isinstance(stored, dict):
+        raise BundleError(f"{where}: content_sha256 is missing; re-run `splitclip partition`")
+    actual = content_digests(data)
+    changed = sorted(k for k in stored.keys() | actual.keys() if stored.get(k) != actual.get(k))
+    if changed:
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise BundleError(
+            f"{where}: field(s) {shown} changed after the bundle was built (their digests differ); "
+            "rebuild it with `splitclip partition`"
+        )
+    derived = bundle_id_of(data)
+    if derived != data.get("bundle_id"):
+        raise BundleError(
+            f"bundle id mismatch in {where}: manifest says {data.get('bundle_id')}, its content gives {derived}"
+        )
 
 
 @dataclass(frozen=True)
@@ -138,7 +190,7 @@ class Bundle:
 
     def calibration(self) -> Calibration | None:
         """The codec calibration (per-cut PCA bases, calibration.npz), or None when the bundle has none."""
-        from splitclip.calibration import Calibration
+        from splitclip.codec import Calibration
 
         return Calibration.load(self.path(CALIBRATION_FILE)) if self.has(CALIBRATION_FILE) else None
 
@@ -153,7 +205,7 @@ def write_manifest(root: Path, manifest_fields: dict) -> Manifest:
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != MANIFEST_NAME
     }
-    manifest = Manifest.from_dict({**manifest_fields, "files": files, "bundle_id": bundle_id_of(files)})
+    manifest = Manifest.from_dict(seal({**manifest_fields, "format": BUNDLE_FORMAT, "files": files}))
     (root / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest
 
@@ -174,17 +226,16 @@ def load_bundle(root: str | Path, *, verify: bool = True) -> Bundle:
         raise BundleError(f"{mpath} must hold a JSON object")
     manifest = Manifest.from_dict(data)
     if manifest.format != BUNDLE_FORMAT:
-        raise BundleError(f"bundle format {manifest.format} is not supported (expected {BUNDLE_FORMAT})")
+        raise BundleError(
+            f"bundle format {manifest.format} is not supported (expected {BUNDLE_FORMAT}): "
+            "rebuild the bundle with `splitclip partition`"
+        )
+    _check_content(data, mpath)
     expected = set(REQUIRED_FILES) | set(manifest.stage_files())
     missing_in_manifest = sorted(expected - set(manifest.files))
     if missing_in_manifest:
         raise BundleError(
             f"manifest of {root} does not list required files: {', '.join(missing_in_manifest)}"
-        )
-    derived = bundle_id_of(manifest.files)
-    if derived != manifest.bundle_id:
-        raise BundleError(
-            f"bundle id mismatch in {mpath}: manifest says {manifest.bundle_id}, its file list gives {derived}"
         )
     if verify:
         for name, digest in sorted(manifest.files.items()):

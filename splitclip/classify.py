@@ -12,7 +12,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from splitclip.errors import UsageError
-from splitclip.preprocess import ImageLike
+from splitclip.preprocess import ImageLike, load_image
 from splitclip.prompts import PromptSet, prompt_set, score, top_k
 from splitclip.runtime import BundleRuntime
 from splitclip.tower import Tower
@@ -63,12 +63,33 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of a table")
 
 
+def load_images(paths: Sequence[str]) -> tuple[list[tuple[str, ImageLike]], list[tuple[str, str]]]:
+    """Read every image that can be read; the others come back as (path, reason), the rest still run."""
+    good: list[tuple[str, ImageLike]] = []
+    bad: list[tuple[str, str]] = []
+    for path in paths:
+        try:
+            good.append((path, load_image(path)))
+        except FileNotFoundError:
+            bad.append((path, "no such file"))
+        except IsADirectoryError:
+            bad.append((path, "is a directory"))
+        except (OSError, SyntaxError, ValueError) as e:  # PIL: not an image, truncated or corrupt
+            bad.append((path, f"not a readable image ({e})"))
+    return good, bad
+
+
 def run(args: argparse.Namespace) -> int:
     labels = read_prompts(args.prompt, args.labels)
     prompts = prompt_set(labels, [args.template])
     rt = BundleRuntime(args.bundle)
-    probs = classify_local(rt, [Path(p) for p in args.images], prompts)
-    for path, best in zip(args.images, top_k(probs, args.top_k), strict=True):
+    good, bad = load_images(args.images)
+    probs = (
+        classify_local(rt, [im for _, im in good], prompts)
+        if good
+        else np.zeros((0, len(labels)), np.float32)
+    )
+    for (path, _), best in zip(good, top_k(probs, args.top_k), strict=True):
         if args.json:
             print(
                 json.dumps({"image": path, "top": [{"label": labels[i], "probability": p} for i, p in best]})
@@ -77,4 +98,6 @@ def run(args: argparse.Namespace) -> int:
             ranked = ", ".join(f"{labels[i]} {p:.1%}" for i, p in best)
             print(f"{Path(path).name:<28} {ranked}")
     sys.stdout.flush()
-    return 0
+    for path, reason in bad:
+        print(f"error: {path}: {reason}", file=sys.stderr)
+    return 1 if bad else 0

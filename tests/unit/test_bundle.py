@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from splitclip.bundle import BundleError, bundle_id_of, load_bundle
+from splitclip.bundle import BundleError, bundle_id_of, content_digests, load_bundle, seal, write_manifest
 
 
 @pytest.fixture
@@ -20,7 +21,7 @@ def bundle_copy(tiny_bundle_dir: Path, tmp_path: Path) -> Path:
 
 def test_loads_and_id_is_derived_from_hashes(tiny_bundle_dir: Path) -> None:
     b = load_bundle(tiny_bundle_dir)
-    assert b.id == bundle_id_of(b.manifest.files)
+    assert b.id == bundle_id_of(json.loads((tiny_bundle_dir / "manifest.json").read_text()))
     assert b.id.startswith("b-") and len(b.id) == 18
 
 
@@ -53,14 +54,14 @@ def test_manifest_hash_edited(bundle_copy: Path) -> None:
     m = json.loads((bundle_copy / "manifest.json").read_text())
     m["files"]["tokenizer.json"] = "0" * 64
     (bundle_copy / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(BundleError, match="bundle id mismatch"):
+    with pytest.raises(BundleError, match=r"files\.tokenizer\.json changed"):
         load_bundle(bundle_copy)
 
 
 def test_manifest_lacks_a_stage(bundle_copy: Path) -> None:
     m = json.loads((bundle_copy / "manifest.json").read_text())
     del m["files"]["vision/block_02.onnx"]
-    m["bundle_id"] = bundle_id_of(m["files"])
+    m = seal(m)
     (bundle_copy / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match=r"does not list required files: vision/block_02\.onnx"):
         load_bundle(bundle_copy)
@@ -81,3 +82,44 @@ def test_not_a_bundle(tmp_path: Path) -> None:
         load_bundle(tmp_path / "nope")
     with pytest.raises(BundleError, match="manifest.json is missing"):
         load_bundle(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("logit_scale",), 1.0),
+        (("vision", "num_blocks"), 2),
+        (("text", "eos_token_id"), 3),
+        (("model_name",), "x"),
+    ],
+)
+def test_an_edited_manifest_field_is_named(bundle_copy: Path, path: tuple[str, ...], value: object) -> None:
+    """The id covers the manifest's content, not only its files: logit_scale 21 -> 1 changes every answer."""
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    node = m
+    for key in path[:-1]:
+        node = node[key]
+    assert node[path[-1]] != value
+    node[path[-1]] = value
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=re.escape(f"field(s) {'.'.join(path)} changed")):
+        load_bundle(bundle_copy)
+
+
+def test_editing_a_field_and_its_digest_still_fails_on_the_id(bundle_copy: Path) -> None:
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    m["logit_scale"] = 1.0
+    m["content_sha256"] = content_digests(m)
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="bundle id mismatch"):
+        load_bundle(bundle_copy)
+
+
+def test_a_rebuilt_bundle_with_other_content_gets_another_id(bundle_copy: Path) -> None:
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    fields = {k: v for k, v in m.items() if k not in ("files", "bundle_id", "content_sha256")}
+    same = write_manifest(bundle_copy, fields)
+    assert same.bundle_id == m["bundle_id"]  # the same content gives the same id
+    changed = write_manifest(bundle_copy, {**fields, "logit_scale": fields["logit_scale"] / 2})
+    assert changed.bundle_id != m["bundle_id"]
+    assert load_bundle(bundle_copy).id == changed.bundle_id
