@@ -21,8 +21,10 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
+from edge_node.reasons import error_kind
 from edge_node.retry import call_with_retry
 from edge_node.settings import EdgeSettings
+from splitclip.constants import TOKEN_METADATA_KEY
 from splitclip.settings import SettingsError
 from splitclip.wire import pb, pb_grpc
 
@@ -88,7 +90,7 @@ class CloudClient:
         self.channel = make_channel(settings)
         self.stub = pb_grpc.SplitClipStub(self.channel)
         token = settings.node_token
-        self.metadata: tuple[tuple[str, str], ...] = (("x-splitclip-token", token),) if token else ()
+        self.metadata: tuple[tuple[str, str], ...] = ((TOKEN_METADATA_KEY, token),) if token else ()
 
     def _retrying(self, fn: Callable[[float], T], timeout: float) -> T:
         s = self.settings
@@ -114,12 +116,27 @@ class CloudClient:
         self,
         *,
         on_result: Callable[[T, pb.Result], None],
-        on_lost: Callable[[T, str, grpc.StatusCode | None], None],
+        on_lost: Callable[[T, Lost], None],
+        on_late: Callable[[], None] | None = None,
     ) -> FrameStream[T]:
-        return FrameStream(self, self.settings.window, self.settings.frame_deadline_s, on_result, on_lost)
+        return FrameStream(
+            self, self.settings.window, self.settings.frame_deadline_s, on_result, on_lost, on_late
+        )
 
     def close(self) -> None:
         self.channel.close()
+
+
+@dataclass(frozen=True)
+class Lost:
+    """Why an in-flight frame got no Result: its deadline, or the stream's end (status, kind)."""
+
+    why: str
+    code: grpc.StatusCode | None = None
+    kind: str = ""  # the structured error kind in the stream's trailing metadata, if any
+
+
+DEADLINE = Lost("deadline", grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 @dataclass
@@ -140,18 +157,19 @@ class FrameStream(Generic[T]):
         window: int,
         deadline_s: float,
         on_result: Callable[[T, pb.Result], None],
-        on_lost: Callable[[T, str, grpc.StatusCode | None], None],
+        on_lost: Callable[[T, Lost], None],
+        on_late: Callable[[], None] | None = None,
     ) -> None:
         self._window = threading.Semaphore(window)
         self._deadline_s = deadline_s
         self._on_result = on_result
         self._on_lost = on_lost
+        self._on_late = on_late
         self._lock = threading.Lock()
         self._pending: dict[int, _InFlight[T]] = {}  # frame_id -> in-flight frame
         self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._dead = threading.Event()
-        self.failure: str | None = None  # why the stream ended, once it has
-        self.failure_code: grpc.StatusCode | None = None
+        self.failure: Lost | None = None  # why the stream ended, once it has
         self.late = 0  # results that arrived after their frame was answered otherwise
         self.sent = 0
         self.max_in_flight = 0  # the most frames ever in flight at once (<= window)
@@ -206,7 +224,7 @@ class FrameStream(Generic[T]):
 
     def abort(self, reason: str) -> None:
         """Cancel the call now; every pending frame is reported lost with `reason`."""
-        self._fail(reason)
+        self._fail(Lost(reason))
         self._call.cancel()
 
     # -- threads ---------------------------------------------------------------------------------
@@ -218,14 +236,14 @@ class FrameStream(Generic[T]):
             yield item
 
     def _receive(self) -> None:
-        reason, code = "stream ended by the cloud", None
+        lost = Lost("stream ended by the cloud")
         try:
             for result in self._call:
                 self._answer(result)
         except grpc.RpcError as e:
             code = e.code()
-            reason = f"{code.name if code else 'UNKNOWN'}: {e.details()}"
-        self._fail(reason, code)
+            lost = Lost(f"{code.name if code else 'UNKNOWN'}: {e.details()}", code, error_kind(e))
+        self._fail(lost)
 
     def _answer(self, result: pb.Result) -> None:
         with self._lock:
@@ -234,6 +252,8 @@ class FrameStream(Generic[T]):
             with self._lock:
                 self.late += 1
             log.info("dropped a late result for frame %d (already answered)", result.frame_id)
+            if self._on_late is not None:
+                self._on_late()
             return
         self._window.release()
         self._on_result(entry.handle, result)
@@ -246,16 +266,16 @@ class FrameStream(Generic[T]):
                 entries = [self._pending.pop(fid) for fid in expired]
             for e in entries:
                 self._window.release()
-                self._on_lost(e.handle, "deadline", grpc.StatusCode.DEADLINE_EXCEEDED)
+                self._on_lost(e.handle, DEADLINE)
 
-    def _fail(self, reason: str, code: grpc.StatusCode | None = None) -> None:
+    def _fail(self, lost: Lost) -> None:
         with self._lock:
             if not self._dead.is_set():
-                self.failure, self.failure_code = reason, code
+                self.failure = lost
                 self._dead.set()
             entries = list(self._pending.values())
             self._pending.clear()
         self._requests.put(self._END)  # unblock grpc's request-consumer thread
         for e in entries:
             self._window.release()
-            self._on_lost(e.handle, self.failure or reason, self.failure_code)
+            self._on_lost(e.handle, self.failure or lost)

@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from splitclip.preprocess import ImageLike
-from splitclip.prompts import PromptSet, average_templates, top_k, zero_shot_probs
+from splitclip.prompts import PromptSet, average_templates, zero_shot_probs
 from splitclip.runtime import BundleRuntime
 from splitclip.tower import Tower
 
@@ -111,8 +111,3 @@ class LocalEngine:
     def score(self, image_emb: NDArray[np.float32], prompts: PromptSet) -> NDArray[np.float32]:
         """Probabilities over labels [n_labels]."""
         return zero_shot_probs(image_emb[None], self.text(prompts), self.rt.manifest.logit_scale)[0]
-
-
-def top_labels(probs: NDArray[np.float32], prompts: Sequence[str], k: int) -> tuple[list[str], list[float]]:
-    best = top_k(probs[None], k)[0]
-    return [prompts[i] for i, _ in best], [p for _, p in best]

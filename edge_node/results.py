@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from typing import Literal
 
+from edge_node.reasons import Reason
+
+__all__ = ["EdgeResult", "Mode", "Reason"]
+
 Mode = Literal["split", "local"]
-
-
-class Reason(StrEnum):
-    """Why a frame was answered the way it was (the `reason` field of every result)."""
-
-    CLOUD = "cloud"  # split mode, the cloud answered
-    NO_CLOUD = "no_cloud"  # no cloud configured: local only
-    BREAKER_OPEN = "breaker_open"  # the cloud failed repeatedly; waiting for a probe to succeed
-    LINK_LOST = "link_lost"  # the stream broke while the frame was in flight; re-run locally
-    DEADLINE = "deadline"  # no answer within the frame deadline; re-run locally
-    CLOUD_ERROR = "cloud_error"  # the cloud answered this frame with an error; re-run locally
-    BUNDLE_MISMATCH = "bundle_mismatch"  # the cloud runs another bundle
-    UNAUTHENTICATED = "unauthenticated"  # the cloud refused the node token
-    REJECTED = "rejected"  # the cloud refused the node (Hello not accepted)
-    ERROR = "error"  # the frame could not be answered at all (e.g. unreadable image)
 
 
 @dataclass

@@ -25,12 +25,9 @@ from tenacity import (
     wait_random_exponential,
 )
 
-T = TypeVar("T")
+from edge_node.reasons import TRANSIENT
 
-TRANSIENT = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
-)
-TRANSIENT_NAMES = frozenset(c.name for c in TRANSIENT)
+T = TypeVar("T")
 
 
 def status_of(e: BaseException) -> grpc.StatusCode | None:

@@ -12,7 +12,7 @@ SPLITCLIP_TLS_CA              PEM file of the CA: use a TLS channel instead of a
 SPLITCLIP_TLS_CA_OPTIONAL     true: that file may be absent (an optional mounted Secret); then TLS
                               trusting the system's CAs, and one warning (default false: an error)
 SPLITCLIP_TLS_SERVER_NAME     override the TLS target name (tests, IP addresses)
-SPLITCLIP_CUT                 cut k in 0..L (default: the bundle's planned cut, else L // 2)
+SPLITCLIP_CUT                 cut k in 0..L (default L // 2; `splitclip edge plan` says which is fastest)
 SPLITCLIP_CODEC               codec preset (default: int8-zstd)
 SPLITCLIP_TOP_K               labels per result (default 5)
 SPLITCLIP_FRAME_DEADLINE_S    per-frame deadline for the split path, seconds (default 5)
@@ -48,7 +48,7 @@ class EdgeSettings:
     tls_ca: Path | None = None  # CA bundle (PEM): TLS when set
     tls_ca_optional: bool = False  # tls_ca may be absent (an optional Secret): then TLS with the system CAs
     tls_server_name: str | None = None
-    cut: int | None = None  # None = planned cut from the bundle, else L // 2
+    cut: int | None = None  # None = L // 2
     codec: str = "int8-zstd"
     top_k: int = 5
     frame_deadline_s: float = 5.0

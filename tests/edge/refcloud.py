@@ -20,6 +20,8 @@ import grpc
 import numpy as np
 
 from splitclip import codec
+from splitclip.constants import ERROR_BUNDLE_MISMATCH as BUNDLE
+from splitclip.constants import ERROR_KIND_METADATA_KEY
 from splitclip.prompts import prompt_set, score, top_k
 from splitclip.runtime import BundleRuntime
 from splitclip.tower import Tower
@@ -32,17 +34,29 @@ class Faults:
     delay_frames: set[int] = field(default_factory=set)  # only these frame ids are delayed (empty = all)
     cut_stream_after: int | None = None  # abort a stream with UNAVAILABLE once this many are answered
     error_frames: dict[int, str] = field(default_factory=dict)  # frame_id -> error code in the Result
+    error_kind: str = ""  # the Error.kind of those error results
+    error_message: str = "injected"
     unary_codes: list[grpc.StatusCode] = field(default_factory=list)  # Classify fails with these first
+    unary_kind: str = ""  # trailing metadata x-splitclip-error of those failures
 
 
 class RefCloud(pb_grpc.SplitClipServicer):
-    def __init__(self, bundle_dir, *, token: str | None = None, cloud_bundle_id: str | None = None) -> None:
+    def __init__(
+        self,
+        bundle_dir,
+        *,
+        token: str | None = None,
+        cloud_bundle_id: str | None = None,
+        heartbeat_interval_s: float = 0.0,
+    ) -> None:
         self.rt = BundleRuntime(bundle_dir)
         self.rt.warmup()
         self.spec = codec.TensorSpec.from_manifest(self.rt.manifest)
         self.token = token
         self.bundle_id = cloud_bundle_id or self.rt.manifest.bundle_id
         self.faults = Faults()
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.hello_requests: list[pb.HelloRequest] = []
         self.frames = 0
         self.hellos = 0
         self.classify_calls = 0
@@ -81,12 +95,15 @@ class RefCloud(pb_grpc.SplitClipServicer):
         if f.frame_id in self.faults.error_frames:
             return pb.Result(
                 frame_id=f.frame_id,
-                error=pb.Error(code=self.faults.error_frames[f.frame_id], message="injected"),
+                error=pb.Error(
+                    code=self.faults.error_frames[f.frame_id],
+                    message=self.faults.error_message,
+                    kind=self.faults.error_kind,
+                ),
             )
         if f.bundle_id != self.bundle_id:
-            return pb.Result(
-                frame_id=f.frame_id, error=pb.Error(code="FAILED_PRECONDITION", message="bundle mismatch")
-            )
+            error = pb.Error(code="FAILED_PRECONDITION", message="the node runs another bundle", kind=BUNDLE)
+            return pb.Result(frame_id=f.frame_id, error=error)
         x = codec.decode(f.payload, cut=f.cut, spec=self.spec).array
         emb = Tower(self.rt).finish(x[None], f.cut)[0]  # [embed_dim]
         ps = prompt_set(list(f.prompts), list(f.templates))
@@ -108,7 +125,9 @@ class RefCloud(pb_grpc.SplitClipServicer):
         self._auth(context)
         with self._lock:
             self.hellos += 1
+            self.hello_requests.append(request)
         return pb.HelloResponse(
+            heartbeat_interval_s=self.heartbeat_interval_s,
             accepted=request.bundle_id == self.bundle_id,
             cloud_bundle_id=self.bundle_id,
             num_blocks=self.rt.num_blocks,
@@ -126,6 +145,8 @@ class RefCloud(pb_grpc.SplitClipServicer):
             self.classify_calls += 1
             code = self.faults.unary_codes.pop(0) if self.faults.unary_codes else None
         if code is not None:
+            if self.faults.unary_kind:
+                context.set_trailing_metadata(((ERROR_KIND_METADATA_KEY, self.faults.unary_kind),))
             context.abort(code, "injected")
         self._maybe_delay(request.frame_id)
         return self._answer(request)

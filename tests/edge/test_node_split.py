@@ -3,6 +3,7 @@ dropped links, breaker recovery, bundle mismatch, token refusal, unary retries."
 
 from __future__ import annotations
 
+import queue
 import time
 from collections import Counter
 from pathlib import Path
@@ -162,3 +163,111 @@ def test_error_results_are_rerun_locally(bundle: Path, images, cloud: RefCloud) 
         results = by_id(node.classify_many(images[:4], PROMPTS))
     assert [r.mode for r in results] == ["split", "local", "split", "split"]
     assert results[1].reason.startswith("cloud_error: INVALID_ARGUMENT")
+
+
+def test_a_bundle_mismatch_result_is_known_by_its_kind_not_its_message(
+    bundle: Path, images, cloud: RefCloud
+) -> None:
+    cloud.faults.error_frames = {2: "FAILED_PRECONDITION"}
+    cloud.faults.error_message = "bundle mismatch (says the text, but no kind)"
+    with EdgeNode(bundle, cloud=f"127.0.0.1:{cloud.port}", window=1, **FAST) as node:
+        results = by_id(node.classify_many(images[:4], PROMPTS))
+        assert node.breaker.opened == 0
+    assert [r.mode for r in results] == ["split", "local", "split", "split"]
+    assert results[1].reason.startswith("cloud_error: FAILED_PRECONDITION")
+
+    cloud.faults.error_kind = "bundle-mismatch"
+    with EdgeNode(
+        bundle, cloud=f"127.0.0.1:{cloud.port}", window=1, probe_interval_s=30, probe_max_s=30
+    ) as node:
+        results = by_id(node.classify_many(images[:4], PROMPTS))
+        assert node.mode == "local" and node.mode_reason.startswith("bundle_mismatch")
+    assert [r.mode for r in results] == ["split", "local", "local", "local"]
+    assert all(r.reason.startswith("bundle_mismatch") for r in results[1:]), results
+
+
+def test_a_unary_refusal_with_the_bundle_mismatch_kind_opens_the_breaker(
+    bundle: Path, images, cloud: RefCloud
+) -> None:
+    with EdgeNode(bundle, cloud=f"127.0.0.1:{cloud.port}", probe_interval_s=30, probe_max_s=30) as node:
+        cloud.faults.unary_codes = [grpc.StatusCode.FAILED_PRECONDITION]
+        cloud.faults.unary_kind = "bundle-mismatch"
+        r = node.classify(images[0], PROMPTS)
+        assert (r.mode, r.reason) == ("local", "bundle_mismatch: injected")
+        assert node.mode == "local"
+        cloud.faults.unary_codes = [grpc.StatusCode.FAILED_PRECONDITION]
+        cloud.faults.unary_kind = ""
+    with EdgeNode(bundle, cloud=f"127.0.0.1:{cloud.port}", **FAST) as node:
+        r = node.classify(images[0], PROMPTS)  # without the kind: an error about this request only
+        assert (r.mode, r.reason) == ("local", "cloud_error: FAILED_PRECONDITION: injected")
+        assert node.mode == "split"
+
+
+def test_a_healthy_node_says_hello_every_heartbeat_interval(bundle: Path, images) -> None:
+    rc = RefCloud(bundle, heartbeat_interval_s=0.3)
+    rc.start()
+    try:
+        with EdgeNode(bundle, cloud=f"127.0.0.1:{rc.port}", **FAST) as node:
+            list(node.classify_many(images[:2], PROMPTS))
+            time.sleep(1.6)
+            assert node.mode == "split"
+        after_close = rc.hellos
+        time.sleep(0.7)
+        assert rc.hellos == after_close, "a closed node kept saying Hello"
+    finally:
+        rc.stop()
+    reqs = rc.hello_requests
+    assert len(reqs) >= 1 + 3, len(reqs)  # the first Hello, then one per 0.3 s
+    assert {r.mode for r in reqs} == {"split"}
+    assert reqs[0].frames_answered == 0 and reqs[-1].frames_answered == 2
+    assert reqs[-1].node_id == node.settings.node_id and reqs[-1].bundle_id == node.bundle_id
+
+
+def test_probes_say_the_node_answers_locally(bundle: Path, images, cloud: RefCloud) -> None:
+    addr = f"127.0.0.1:{cloud.port}"
+    with EdgeNode(bundle, cloud=addr, breaker_failures=1, **FAST) as node:
+        cloud.stop()
+        assert node.classify(images[0], PROMPTS).mode == "local"
+        cloud.start(cloud.port)
+        t0 = time.monotonic()
+        while node.mode != "split":
+            assert time.monotonic() - t0 < 5.0
+            time.sleep(0.05)
+    probe = cloud.hello_requests[-1]
+    assert probe.mode == "local" and probe.frames_answered == 1
+
+
+def test_late_answers_are_counted_as_they_arrive_and_never_overwritten(
+    bundle: Path, images, cloud: RefCloud
+) -> None:
+    """stats.late_dropped used to be recomputed from the retired streams' counts: a late answer on
+    the live stream did not show, and retiring a stream overwrote the drops counted elsewhere."""
+    from edge_node.tickets import Ticket
+    from splitclip.prompts import prompt_set
+
+    cloud.faults.delay_s = 2.0
+    cloud.faults.delay_frames = {2}
+    with EdgeNode(bundle, cloud=f"127.0.0.1:{cloud.port}", frame_deadline_s=0.8, breaker_failures=5) as node:
+        results = by_id(node.classify_many(images[:3], PROMPTS))
+        assert [r.reason for r in results] == ["cloud", "deadline", "cloud"]
+        until = time.monotonic() + 10
+        while node.stats.late_dropped < 1:  # the live stream's late answer, counted at once
+            assert time.monotonic() < until, "the late answer was not counted"
+            time.sleep(0.05)
+        assert node._stream is not None and node._stream.alive
+        t = Ticket(99, "x", prompt_set(PROMPTS), queue.SimpleQueue())
+        node._deliver(t, t.error_result(RuntimeError("first")))
+        node._deliver(t, t.error_result(RuntimeError("second, dropped")))  # a second answer to one frame
+        assert node.stats.late_dropped == 2
+        node.close()  # retires the stream
+        assert node.stats.late_dropped == 2
+
+
+def test_no_prober_or_stream_threads_outlive_closed_nodes(bundle: Path, images, cloud: RefCloud) -> None:
+    import threading
+
+    for _ in range(2):
+        with EdgeNode(bundle, cloud=f"127.0.0.1:{cloud.port}", **FAST) as node:
+            list(node.classify_many(images[:2], PROMPTS))
+    names = [t.name for t in threading.enumerate()]
+    assert not [n for n in names if n.startswith(("edge-prober", "edge-stream", "edge-local"))], names

@@ -1,0 +1,117 @@
+"""One frame on its way to its one answer (`Ticket`), the answers it can get, and the node's counts of them."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_node.local import Prepared
+from edge_node.reasons import Reason, base
+from edge_node.results import EdgeResult
+from splitclip.prompts import PromptSet, top_k
+from splitclip.wire import pb
+
+
+@dataclass
+class NodeStats:
+    frames: int = 0
+    split: int = 0
+    local: int = 0
+    errors: int = 0
+    bytes_sent: int = 0
+    late_dropped: int = 0  # cloud answers that arrived after the frame was answered locally
+    by_reason: Counter[str] = field(default_factory=Counter)
+
+    def count(self, r: EdgeResult) -> None:
+        self.frames += 1
+        self.bytes_sent += r.bytes_sent
+        self.by_reason[base(r.reason)] += 1
+        if r.error is not None:
+            self.errors += 1
+        elif r.mode == "split":
+            self.split += 1
+        else:
+            self.local += 1
+
+
+class Ticket:
+    """One frame: whoever `claim()`s it first gives its answer, to `sink`."""
+
+    def __init__(
+        self, frame_id: int, source: str, prompts: PromptSet, sink: queue.SimpleQueue[EdgeResult]
+    ) -> None:
+        self.frame_id = frame_id
+        self.source = source
+        self.prompts = prompts
+        self.sink = sink
+        self.t0 = time.perf_counter()
+        self.prepared: Prepared | None = None
+        self.bytes_sent = 0
+        self._claimed = False
+        self._lock = threading.Lock()
+
+    def claim(self) -> bool:
+        with self._lock:
+            if self._claimed:
+                return False
+            self._claimed = True
+            return True
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.t0) * 1e3
+
+    def _timings(self) -> dict[str, float]:
+        return dict(self.prepared.timings_ms) if self.prepared else {}
+
+    # -- its possible answers --------------------------------------------------------------------
+    def split_result(self, res: pb.Result, *, cut: int, codec: str) -> EdgeResult:
+        timings = self._timings()
+        timings.update({f"cloud_{k}": float(v) for k, v in res.timings_ms.items()})
+        return EdgeResult(
+            frame_id=self.frame_id,
+            source=self.source,
+            mode="split",
+            reason=Reason.CLOUD,
+            labels=[lab.prompt for lab in res.top],
+            top_probs=[float(lab.probability) for lab in res.top],
+            probabilities=[float(p) for p in res.probabilities],
+            bytes_sent=self.bytes_sent,
+            latency_ms=self.elapsed_ms(),
+            cut=cut,
+            codec=codec,
+            timings_ms=timings,
+        )
+
+    def local_result(self, probs: np.ndarray, reason: str, *, k: int, cut: int, codec: str) -> EdgeResult:
+        """`probs` [n_labels] computed here; `cut` and `codec` are kept only if the frame was sent."""
+        best = top_k(probs[None], k)[0]
+        return EdgeResult(
+            frame_id=self.frame_id,
+            source=self.source,
+            mode="local",
+            reason=reason,
+            labels=[self.prompts.labels[i] for i, _ in best],
+            top_probs=[p for _, p in best],
+            probabilities=[float(p) for p in probs],
+            bytes_sent=self.bytes_sent,
+            latency_ms=self.elapsed_ms(),
+            cut=cut if self.bytes_sent else None,
+            codec=codec if self.bytes_sent else None,
+            timings_ms=self._timings(),
+        )
+
+    def error_result(self, e: Exception) -> EdgeResult:
+        return EdgeResult(
+            frame_id=self.frame_id,
+            source=self.source,
+            mode="local",
+            reason=Reason.ERROR,
+            error=f"{type(e).__name__}: {e}",
+            bytes_sent=self.bytes_sent,
+            latency_ms=self.elapsed_ms(),
+        )
