@@ -25,8 +25,6 @@ from splitclip.tower import Tower
 
 HELP = "bytes / agreement / speed of every codec preset at several cuts"
 
-DEFAULT_DOC = Path(__file__).resolve().parent.parent / "docs" / "bench_codecs.md"
-
 
 @dataclass
 class Row:
@@ -171,36 +169,40 @@ def to_markdown(rows: list[Row], facts: dict[str, float], bundle: str, command: 
             f"| {r.cut} | {r.preset} | {r.bytes_per_image:.0f} | {r.vs_fp32:.1f} | {r.vs_jpeg:.2f} | "
             f"{r.agreement:.2%} | {r.cosine:.5f} | {r.codec_us:.0f} |"
         )
-    lines += ["", *FINDINGS]
+    lines += ["", *findings(rows, facts)]
     return "\n".join(lines) + "\n"
 
 
-FINDINGS = [
-    "## Findings",
-    "",
-    "Issue targets at cut L/2 = 2: (a) bytes/image <= JPEG q90 of the input (~1,981 B) at >= 99% top-1 "
-    "agreement; (b) >= 16x smaller than fp32 (<= 2,080 B) at >= 99.5%. **Neither is met.** Transform "
-    "coding (`klt-*`: every token rotated into the full calibration PCA basis, one uniform quantiser per "
-    "direction with step q * (var / mean var)^(-1/4), CLS row sent as fp16) stays the best trade-off, and "
-    "the `klt-*-ans` presets code its symbols with ANS (constriction) under a per-direction quantised "
-    "Gaussian whose std, sqrt(var) / step, comes from the calibration the bundle already ships, instead "
-    "of zigzag byte planes + zstd. Same symbols, so the same agreement, 16-19% fewer bytes: at cut 2 "
-    "`klt-q10-ans` ~4.7 kB at 99.6% (7.1x fp32, vs 5.6 kB for `klt-q10-zstd`), `klt-q15-ans` ~4.1 kB at "
-    "99.2% (8.1x, the cheapest >= 99% point), `klt-q20-ans` ~3.7 kB at 99.0% (9.0x, vs 4.5 kB). That "
-    "leaves (a) ~1.9x and (b) ~2.2x short. The coder costs time: ~1.2 ms vs ~0.24 ms encode+decode per "
-    "frame (separately: edge encode ~0.32 vs 0.16 ms, cloud decode ~0.94 vs 0.08 ms): the ~0.9 kB it "
-    "saves is ~6.5 ms of transfer on 3G, about break-even on 4G (~1.2 ms) and a loss on Wi-Fi (~0.4 ms). "
-    "Why a better entropy coder cannot "
-    "close the gap, measured on 300 frames not used for calibration: the per-direction memoryless "
-    "(empirical histogram) entropy of the cut-2 symbols is 4.34 kB at q = 0.10 and 3.36 kB at q = 0.20, "
-    "and the ANS stream is within 0.5% of it (a Laplace model costs ~1% more; scaling the std by 0.9-1.1 "
-    "gains nothing). Structure the model ignores is small: an oracle per-frame mean and std per "
-    "direction, side information free, saves ~2%; only 6-12% of each direction's variance is "
-    "between-image; the median left-neighbour correlation is 0.16 (0.57 for the top direction); "
-    "dead-zone quantisation and other step exponents (var^-0.1, var^-0.4) do no better on the "
-    "rate/agreement curve. Reaching ~2 kB at >= 99% needs about half the information per frame, i.e. a "
-    "learned (trained) bottleneck or trained context model, not a better coder for these symbols.",
-]
+def findings(rows: list[Row], facts: dict[str, float]) -> list[str]:
+    """What the rows say, computed from them: per inner cut the fewest bytes at each agreement floor,
+    against the two size targets (<= JPEG q90 at >= 99 %; >= 16x smaller than fp32 at >= 99.5 %)."""
+    L, jpeg = int(facts["L"]), facts["jpeg_q90_bytes"]
+    out = ["## Findings (computed from the table above)", ""]
+    for cut in sorted({r.cut for r in rows if 0 < r.cut < L}):
+        at_cut = [r for r in rows if r.cut == cut]
+        for floor, target, met in (
+            (0.99, f"<= JPEG q90 ({jpeg:.0f} B)", lambda r: r.bytes_per_image <= jpeg),
+            (0.995, ">= 16x smaller than fp32", lambda r: r.vs_fp32 >= 16),
+        ):
+            ok = [r for r in at_cut if r.agreement >= floor]
+            if not ok:
+                out.append(f"- cut {cut}, agreement >= {floor:.1%}: no preset reaches it.")
+                continue
+            best = min(ok, key=lambda r: r.bytes_per_image)
+            verdict = "met" if met(best) else "not met"
+            out.append(
+                f"- cut {cut}, agreement >= {floor:.1%}: fewest bytes `{best.preset}` {best.bytes_per_image:.0f} B "
+                f"({best.agreement:.1%}; {best.vs_fp32:.1f}x smaller than fp32, {best.bytes_per_image / jpeg:.2f}x "
+                f"the JPEG q90 size). Target {target}: {verdict}."
+            )
+    cut0 = [r for r in rows if r.cut == 0]
+    if cut0:
+        best0 = max(cut0, key=lambda r: (r.agreement, -r.bytes_per_image))
+        out.append(
+            f"- cut 0 (image upload): best agreement `{best0.preset}` {best0.agreement:.1%} at "
+            f"{best0.bytes_per_image:.0f} B."
+        )
+    return out
 
 
 def build_parser(p: argparse.ArgumentParser) -> None:
@@ -208,7 +210,7 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=500, help="number of generated test images (default 500)")
     p.add_argument("--cuts", type=int, nargs="*", help="inner cuts to measure (default: 1, L/2, L-1)")
     p.add_argument("--presets", nargs="*", choices=sorted(PRESETS), help="presets (default: all)")
-    p.add_argument("--doc", default=str(DEFAULT_DOC), help="markdown file to write the table to ('' = none)")
+    p.add_argument("--out", help="also write the report to this markdown file (e.g. docs/bench_codecs.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -216,11 +218,13 @@ def run(args: argparse.Namespace) -> int:
     rows, facts = bench(
         args.bundle, n_images=args.images, cuts=args.cuts, presets=args.presets, progress=not args.quiet
     )
-    command = f"splitclip bench codecs --bundle {args.bundle} --images {args.images}"
+    command = f"splitclip bench codecs --bundle {args.bundle} --images {args.images}" + (
+        f" --out {args.out}" if args.out else ""
+    )
     md = to_markdown(rows, facts, str(args.bundle), command)
     print(md)
-    if args.doc:
-        Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.doc).write_text(md)
-        print(f"wrote {args.doc}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(md)
+        print(f"wrote {args.out}")
     return 0
