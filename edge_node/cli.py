@@ -3,6 +3,9 @@
 Classifies images with an `EdgeNode`: split mode when a cloud is given and healthy, local otherwise.
 Shows a progress bar, then a summary table (top label, probability, mode, bytes sent, latency), and
 writes one JSON object per image to --out. Unset flags fall back to `SPLITCLIP_*` variables.
+Bad arguments and input files are UsageErrors (one line, exit 2, splitclip/cli.py prints them); an
+image that cannot be read gets an error result and a line on stderr, the others are still answered,
+and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import TextIO
 
 from edge_node.results import EdgeResult
 from splitclip.classify import read_labels
+from splitclip.errors import SplitclipError, UsageError
+from splitclip.prompts import prompt_set
 
 HELP = "classify images on an edge node: split via the cloud, local fallback"
 
@@ -29,6 +34,14 @@ def build_parser(c: argparse.ArgumentParser) -> None:
     what = c.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT", help="a prompt (repeat)")
     what.add_argument("--labels", type=Path, metavar="FILE", help="file with one prompt per line")
+    c.add_argument(
+        "--template",
+        action="append",
+        dest="templates",
+        default=[],
+        metavar="TEXT",
+        help='prompt template with {} where the label goes, e.g. "a photo of a {}" (repeat: averaged)',
+    )
     c.add_argument("--bundle", type=Path, help="bundle directory [SPLITCLIP_BUNDLE, bundles/demo]")
     c.add_argument("--cloud", metavar="HOST:PORT", help="cloud gRPC address [SPLITCLIP_CLOUD]; none = local")
     c.add_argument("--cut", type=int, metavar="K", help="split after K vision blocks [SPLITCLIP_CUT]")
@@ -53,6 +66,17 @@ def expand_paths(paths: Sequence[Path]) -> list[Path]:
     return out
 
 
+def check_out(out: Path) -> None:
+    """--out must be a file we can create: its parent an existing directory, itself not one."""
+    parent = out.parent
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"--out {out}: {parent} is a file, not a directory")
+    if not parent.exists():
+        raise UsageError(f"--out {out}: directory {parent} does not exist")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory")
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -60,9 +84,15 @@ def run(args: argparse.Namespace) -> int:
     from edge_node.settings import EdgeSettings
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    prompts = args.prompts or read_labels(args.labels)  # a missing or empty file is a UsageError
+    templates = list(args.templates or ())
+    prompt_set(prompts, templates)  # bad prompts or templates fail now, as a PromptError
+    if args.out is not None:
+        check_out(args.out)
+    images = expand_paths(args.paths)
+    if not images:
+        raise UsageError("no images found in the given paths")
     try:
-        prompts = args.prompts or read_labels(args.labels)
-        images = expand_paths(args.paths)
         settings = EdgeSettings.from_env(
             bundle=args.bundle,
             cloud=args.cloud,
@@ -73,29 +103,34 @@ def run(args: argparse.Namespace) -> int:
             window=args.window,
             node_id=args.node_id,
         )
-        if not images:
-            raise ValueError("no images found in the given paths")
         node = EdgeNode(settings=settings)
-    except (OSError, ValueError) as e:
-        print(f"splitclip edge classify: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:  # e.g. an unreadable SPLITCLIP_NODE_TOKEN_FILE
+        raise UsageError(str(e)) from None
+    except ValueError as e:
+        if isinstance(e, SplitclipError):
+            raise
+        raise UsageError(str(e)) from None
     results: list[EdgeResult] = []
-    out = args.out.open("w") if args.out else None
+    try:
+        out = args.out.open("w") if args.out else None
+    except OSError as e:
+        node.close()
+        raise UsageError(f"--out {args.out}: {e.strerror or e}") from None
     try:
         with node:
             if not args.quiet:
                 print(f"bundle {node.bundle_id}, mode {node.mode} ({node.mode_reason})", file=sys.stderr)
             bar = tqdm(total=len(images), unit="img", disable=args.quiet, file=sys.stderr)
-            for r in node.classify_many(images, prompts, sources=[str(p) for p in images]):
+            sources = [str(p) for p in images]
+            for r in node.classify_many(images, prompts, templates=templates, sources=sources):
                 results.append(r)
                 if out is not None:
                     out.write(json.dumps(r.to_dict()) + "\n")
+                if r.error is not None:
+                    bar.write(f"error: {r.source}: {r.error}", file=sys.stderr)
                 bar.update(1)
                 bar.set_postfix(mode=r.mode)
             bar.close()
-    except ValueError as e:  # bad prompts
-        print(f"splitclip edge classify: {e}", file=sys.stderr)
-        return 2
     finally:
         if out is not None:
             out.close()
@@ -142,9 +177,14 @@ def _short(s: str, n: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m edge_node.cli`: the same command, printing expected errors as splitclip/cli.py does."""
     p = argparse.ArgumentParser(prog="splitclip edge classify")
     build_parser(p)
-    return run(p.parse_args(argv))
+    try:
+        return run(p.parse_args(argv))
+    except SplitclipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
