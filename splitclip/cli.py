@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         _RUNNABLE.add(path)
         if mod is None:
             p.set_defaults(_unavailable=f"`splitclip {' '.join(path)}` is {help_text}")
+            p.add_argument(
+                "_ignored", nargs=argparse.REMAINDER, help=argparse.SUPPRESS
+            )  # say why, not "unrecognized"
             continue
         p.set_defaults(_module=module, _unavailable=None)
         mod.build_parser(p)

@@ -127,3 +127,15 @@ def test_a_bug_keeps_its_traceback(
     monkeypatch.setattr(splitclip.classify, "run", broken)
     assert main(["classify", "x.png", "--bundle", "b", "--prompt", "a"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_command_whose_side_is_not_installed_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An edge install has no cloud extra: its commands explain, whatever options were given."""
+    import splitclip.cli
+
+    monkeypatch.setattr(splitclip.cli, "commands", lambda: [(("ghost",), "no_such_side.cli")])
+    assert main(["ghost", "--bundle", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "`splitclip ghost` is unavailable here" in err and "unrecognized" not in err
