@@ -77,10 +77,12 @@ _RUNNABLE: set[tuple[str, ...]] = set()
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "_unavailable", None):
+    args, unknown = parser.parse_known_args(argv)
+    if getattr(args, "_unavailable", None):  # its options are unknown here: say why, not "unrecognized"
         print(args._unavailable, file=sys.stderr)
         return 2
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "_module", None):
         parser.print_help(sys.stderr)
         return 2
