@@ -1,4 +1,4 @@
-"""Redis: the prompt-embedding cache shared by all replicas, prompt sets and the node registry.
+"""Redis: the degrading client, the prompt-embedding cache shared by all replicas, and prompt sets.
 
 Redis is an optimisation, never a dependency: every operation has a short timeout, and a failure
 marks the store down (one log line + a metric) so that requests skip Redis instead of waiting on it.
@@ -7,7 +7,7 @@ While down, Redis is tried again at most every `retry_s`; the first success logs
 Keys (all under `splitclip:v1:`):
     emb:{bundle_id}:{sha256(normalised prompt)}   float32 [embed_dim] little-endian, TTL cache_ttl_s
     pset:{bundle_id}:{prompt_set_id}             JSON {"labels": [...], "templates": [...]}
-    node:{node_id}                               JSON of the node's last Hello, TTL 3x heartbeat
+    node:{node_id}                               the node registry (cloud_service.registry)
 """
 
 from __future__ import annotations
@@ -157,24 +157,3 @@ class PromptSets:
             return None
         data = json.loads(raw)
         return list(data["labels"]), list(data["templates"])
-
-
-class NodeRegistry:
-    """node_id -> last Hello, expiring unless the node says Hello again within the TTL (its heartbeat)."""
-
-    def __init__(self, store: RedisStore, ttl_s: float) -> None:
-        self.store = store
-        self.ttl_s = max(1, round(ttl_s))
-
-    @staticmethod
-    def key(node_id: str) -> str:
-        return f"{PREFIX}node:{node_id}"
-
-    async def register(self, node_id: str, info: dict[str, Any]) -> bool:
-        body = json.dumps({**info, "seen_at": time.time()})
-        ok = await self.store.call("node.set", lambda r: r.set(self.key(node_id), body, ex=self.ttl_s))
-        return ok is not None
-
-    async def get(self, node_id: str) -> dict[str, Any] | None:
-        raw = await self.store.call("node.get", lambda r: r.get(self.key(node_id)))
-        return None if raw is None else json.loads(raw)

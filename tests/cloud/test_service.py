@@ -16,9 +16,11 @@ import pytest
 import redis
 
 from benchmarks.cloud_client import CloudClient, FrameMaker, text_embeddings
-from cloud_service.cache import NodeRegistry, prompt_key
+from cloud_service.cache import prompt_key
 from cloud_service.grpc_api import pb
+from cloud_service.registry import NodeRegistry, list_nodes
 from splitclip.classify import classify_local
+from splitclip.constants import ERROR_BUNDLE_MISMATCH, ERROR_KIND_METADATA_KEY
 from splitclip.prompts import average_templates, prompt_set, zero_shot_probs
 from splitclip.runtime import BundleRuntime
 from splitclip.tower import Tower
@@ -51,6 +53,10 @@ def fresh_words(n: int) -> list[str]:
     """Prompts nobody asked for yet (the word-level tokenizer maps unknown words to <unk>)."""
     tag = uuid.uuid4().hex[:8]
     return [f"a photo of thing{tag}x{i}" for i in range(n)]
+
+
+def error_kind(e: grpc.RpcError) -> str | None:
+    return dict(e.trailing_metadata() or ()).get(ERROR_KIND_METADATA_KEY)
 
 
 def rpc_error(fn, *args) -> grpc.RpcError:
@@ -122,7 +128,8 @@ def test_stream_answers_every_frame_once_and_batches_within_the_stream(cloud, ru
     assert sorted(ids) == [f.frame_id for f in frames]  # exactly one result per frame
     by_id = {r.frame_id: r for r in results}
     assert by_id[105].error.code == "INVALID_ARGUMENT" and "header" in by_id[105].error.message
-    assert by_id[109].error.code == "FAILED_PRECONDITION"
+    assert (by_id[109].error.code, by_id[109].error.kind) == ("FAILED_PRECONDITION", ERROR_BUNDLE_MISMATCH)
+    assert not by_id[105].error.kind
     for i, f in enumerate(frames):
         if i in (5, 9):
             continue
@@ -191,6 +198,9 @@ def test_error_statuses(cloud, runtime, maker, client):
     e = rpc_error(client.classify, frame(bundle_id="b-ffffffffffffffff"))
     assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "b-ffffffffffffffff" in e.details() and runtime.manifest.bundle_id in e.details()
+    # recognisable by code + a field, through Serve's proxy: the kind in trailing metadata
+    assert error_kind(e) == ERROR_BUNDLE_MISMATCH
+    assert error_kind(rpc_error(client.classify, frame(cut=L + 1))) is None
 
     e = rpc_error(client.classify, frame(payload=b"\0" * (256 * 1024 + 1)))
     assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "262144" in e.details()
@@ -204,7 +214,7 @@ def test_error_statuses(cloud, runtime, maker, client):
     e = rpc_error(client.encode_text, pb.TextRequest(bundle_id=runtime.manifest.bundle_id, prompts=[]))
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
     e = rpc_error(client.encode_text, pb.TextRequest(bundle_id="b-x", prompts=["a"]))
-    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and error_kind(e) == ERROR_BUNDLE_MISMATCH
 
     # The replicas survived all of that.
     assert client.classify(good).probabilities
@@ -231,7 +241,10 @@ def test_unauthenticated_without_or_with_a_wrong_token(cloud, runtime, maker):
 
 def test_hello_registers_the_node_with_a_ttl(cloud, runtime, client):
     bid = runtime.manifest.bundle_id
-    resp = client.hello(pb.HelloRequest(node_id="cam-7", bundle_id=bid, codecs=["lossless"], cuts=[1, 2]))
+    hello = pb.HelloRequest(
+        node_id="cam-7", bundle_id=bid, codecs=["lossless"], cuts=[1, 2], mode="split", frames_answered=41
+    )
+    resp = client.hello(hello)
     assert resp.accepted and resp.cloud_bundle_id == bid and resp.num_blocks == runtime.num_blocks
     assert resp.heartbeat_interval_s > 0 and "lossless" in resp.codecs
     r = redis.Redis.from_url(cloud.redis.url)
@@ -242,6 +255,12 @@ def test_hello_registers_the_node_with_a_ttl(cloud, runtime, client):
     resp = client.hello(pb.HelloRequest(node_id="cam-8", bundle_id="b-1111111111111111"))
     assert not resp.accepted
     assert "b-1111111111111111" in resp.message and bid in resp.message
+
+    nodes = {n.node_id: n for n in list_nodes(cloud.redis.url)}
+    cam7 = nodes["cam-7"]
+    assert (cam7.bundle_id, cam7.mode, cam7.frames_answered, cam7.accepted) == (bid, "split", 41, True)
+    assert 0 <= cam7.age_s < 3 * resp.heartbeat_interval_s
+    assert nodes["cam-8"].bundle_id == "b-1111111111111111" and not nodes["cam-8"].accepted
 
 
 def test_prompt_cache_is_hit_on_the_second_request(cloud, runtime, maker, client):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
+from cloud_service.auth import token_from_metadata
 from cloud_service.cache import PromptCache, RedisStore, prompt_key
-from cloud_service.ingress import token_from_metadata
 from cloud_service.scoring import score
 from cloud_service.settings import CloudSettings, SettingsError
 from splitclip.prompts import PromptSet, average_templates, normalise, zero_shot_probs
