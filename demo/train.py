@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from demo import data as demo_data
+from splitclip.constants import CLIP_MEAN, CLIP_STD
 
 HELP = "train the small demo CLIP model on generated shapes"
 
@@ -27,8 +28,6 @@ if TYPE_CHECKING:
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 # eos must not be id 2: CLIPTextModel falls back to legacy argmax pooling when eos_token_id == 2.
 SPECIAL_IDS = {PAD: 0, UNK: 1, BOS: 2, EOS: 3}
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)

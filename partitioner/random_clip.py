@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from splitclip.constants import CLIP_MEAN, CLIP_STD
+
 HELP = "save a random-weight CLIP checkpoint (tests, benchmarks)"
 
 WORDS = [
@@ -107,8 +109,8 @@ def save_random_clip(
                 "do_rescale": True,
                 "rescale_factor": 1 / 255,
                 "do_normalize": True,
-                "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                "image_std": [0.26862954, 0.26130258, 0.27577711],
+                "image_mean": list(CLIP_MEAN),
+                "image_std": list(CLIP_STD),
                 "resample": 3,
                 "do_convert_rgb": True,
             }

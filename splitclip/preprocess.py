@@ -17,6 +17,8 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageOps
 
+from splitclip.constants import CLIP_MEAN, CLIP_STD
+
 ImageLike = Image.Image | NDArray[np.uint8] | str | Path
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -58,8 +60,8 @@ class PreprocessConfig:
         return PreprocessConfig(
             resize_shortest_edge=int(short),
             crop_size=int(crop),
-            mean=tuple(processor_config.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),  # type: ignore[arg-type]
-            std=tuple(processor_config.get("image_std", (0.26862954, 0.26130258, 0.27577711))),  # type: ignore[arg-type]
+            mean=tuple(processor_config.get("image_mean", CLIP_MEAN)),  # type: ignore[arg-type]
+            std=tuple(processor_config.get("image_std", CLIP_STD)),  # type: ignore[arg-type]
             resample=resample,
         )
 
