@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import signal
 import sys
 import threading
@@ -29,12 +28,13 @@ Set SPLITCLIP_NODE_TOKEN to require the token from every node (metadata x-splitc
 def build_parser(p: argparse.ArgumentParser) -> None:
     p.description = DESCRIPTION
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument(
-        "--bundle", default=os.environ.get("SPLITCLIP_BUNDLE"), help="bundle directory (SPLITCLIP_BUNDLE)"
-    )
+    p.add_argument("--bundle", default=None, help="bundle directory (SPLITCLIP_BUNDLE)")
     p.add_argument("--config", default=None, help="Serve config (default: deploy/serve_config.yaml)")
     p.add_argument(
-        "--port", type=int, default=None, help="gRPC port (SPLITCLIP_GRPC_PORT, else the config's)"
+        "--port",
+        type=int,
+        default=None,
+        help="gRPC port (SPLITCLIP_GRPC_PORT, else the Serve config's: 9000)",
     )
     p.add_argument(
         "--http-port", type=int, default=None, help="Serve HTTP proxy port (default: the config's)"
@@ -54,22 +54,27 @@ def run(args: argparse.Namespace) -> int:
 
     from cloud_service import launch
     from cloud_service.embedded_redis import EmbeddedRedis
+    from cloud_service.settings import CloudSettings
     from splitclip.bundle import load_bundle
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if not args.bundle:
+    # flags > SPLITCLIP_* > defaults; the deployments load the same settings again (plus the config's args)
+    settings = CloudSettings.load(
+        {"bundle": args.bundle, "redis_url": args.redis_url, "grpc_port": args.port}
+    )
+    if not settings.bundle:
         print("error: --bundle (or SPLITCLIP_BUNDLE) is required", file=sys.stderr)
         return 2
-    bundle_dir = Path(args.bundle).resolve()
+    bundle_dir = Path(settings.bundle).resolve()
     bundle = load_bundle(bundle_dir)  # fail here, with a clear message, rather than in a replica
 
-    redis_url = args.redis_url or os.environ.get("SPLITCLIP_REDIS_URL", "")
+    redis_url = settings.redis_url
     embedded = None
     if not redis_url:
         embedded = EmbeddedRedis().start()
         redis_url = embedded.url
         print(f"splitclip cloud: embedded Valkey at {redis_url}", flush=True)
-    grpc_port = args.port or int(os.environ.get("SPLITCLIP_GRPC_PORT", "0") or 0) or None
+    grpc_port = settings.grpc_port or None  # 0: the Serve config's port
     cfg = launch.with_overrides(
         launch.load_config(args.config),
         args={

@@ -3,7 +3,9 @@
 The Serve application builder (`cloud_service.app:build`) receives the `args` of
 deploy/serve_config.yaml; any key there overrides the environment, which overrides the defaults.
 Both are parsed by splitclip.settings, by the rules the edge's settings follow too.
-The node token is read from the environment only (a Kubernetes Secret), never from the config.
+The node token is read from the environment only (a Kubernetes Secret), never from the config:
+`as_args()` leaves it out of what the builder hands to the deployments, and the ingress replica
+reads it back from its own environment when it loads its settings.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class CloudSettings:
     bundle: str = ""  # bundle directory, the same bundle the edge nodes run
     redis_url: str = ""  # redis://host:port/db of the shared prompt cache + node registry; "" = no cache
     node_token: str = ""  # when set, every call must carry it (metadata x-splitclip-token or authorization)
-    grpc_port: int = 9000  # port of Serve's gRPC proxy (used by `splitclip cloud`)
+    grpc_port: int = 0  # gRPC proxy port of `splitclip cloud` (0: the Serve config's, 9000)
     max_batch_size: int = 32  # vision tail @serve.batch size
     batch_wait_s: float = 0.002  # how long a tail @serve.batch waits for more frames after its first
     ingress_calls_inflight: int = 2  # concurrent grouped calls per ingress replica to the tail (and scorer)
@@ -59,6 +61,10 @@ class CloudSettings:
             raise SettingsError(f"ingress_calls_inflight must be >= 1, got {self.ingress_calls_inflight}")
         if self.stream_max_inflight < 1:
             raise SettingsError(f"stream_max_inflight must be >= 1, got {self.stream_max_inflight}")
+        if self.heartbeat_interval_s <= 0:
+            raise SettingsError(f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
+        if not 0 <= self.grpc_port < 65536:
+            raise SettingsError(f"grpc_port must be in 0..65535, got {self.grpc_port}")
 
     def as_args(self) -> dict[str, Any]:
         """Everything but the token, for passing to deployments (which re-read the token from env)."""

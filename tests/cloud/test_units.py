@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from pathlib import Path
 
 import jsonschema
@@ -41,6 +42,15 @@ def test_settings_layering_and_validation():
         CloudSettings.load({"max_batch": 3}, env={})
     with pytest.raises(SettingsError, match="SPLITCLIP_NODE_TOKEN only"):
         CloudSettings.load({"node_token": "x"}, env={})
+
+
+def test_every_cloud_setting_is_read_somewhere():
+    """A field nobody reads is a setting that silently does nothing."""
+    from dataclasses import fields
+
+    src = "\n".join(f.read_text() for f in (ROOT / "cloud_service").glob("*.py") if f.name != "settings.py")
+    unread = [f.name for f in fields(CloudSettings) if not re.search(rf"\.{f.name}\b", src)]
+    assert not unread, f"CloudSettings fields read nowhere in cloud_service/: {unread}"
 
 
 def test_token_from_metadata():
