@@ -62,6 +62,11 @@ class PromptCache:
                 self.hits += 1
             return emb
 
+    def clear(self) -> None:
+        """Forget the in-memory entries (files on disk stay)."""
+        with self._lock:
+            self._mem.clear()
+
     def put(self, prompts: Sequence[str], emb: NDArray[np.float32]) -> None:
         key = tuple(prompts)
         emb = np.ascontiguousarray(emb, dtype=np.float32)  # [n, embed_dim]

@@ -69,7 +69,7 @@ class EdgeNode:
             self.bundle = bundle
         else:
             if s.bundle is None:
-                raise ValueError("no bundle: pass one or set SPLITCLIP_BUNDLE")
+                raise SettingsError("no bundle: pass one or set SPLITCLIP_BUNDLE")
             self.bundle = load_bundle(s.bundle)  # verifies every file's sha256
         m = self.bundle.manifest
         self.bundle_id = m.bundle_id

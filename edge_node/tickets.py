@@ -65,6 +65,11 @@ class Ticket:
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.t0) * 1e3
 
+    def _label(self, lab: pb.Label) -> str:
+        """The label as the caller gave it (the cloud may echo it normalised), by its index."""
+        labels = self.prompts.labels
+        return labels[lab.index] if lab.index < len(labels) else lab.prompt
+
     def _timings(self) -> dict[str, float]:
         return dict(self.prepared.timings_ms) if self.prepared else {}
 
@@ -77,7 +82,7 @@ class Ticket:
             source=self.source,
             mode="split",
             reason=Reason.CLOUD,
-            labels=[lab.prompt for lab in res.top],
+            labels=[self._label(lab) for lab in res.top],
             top_probs=[float(lab.probability) for lab in res.top],
             probabilities=[float(p) for p in res.probabilities],
             bytes_sent=self.bytes_sent,
