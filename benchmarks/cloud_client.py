@@ -14,10 +14,10 @@ from numpy.typing import NDArray
 
 from cloud_service.grpc_api import pb, pb_grpc
 from splitclip import codec
+from splitclip.constants import TOKEN_METADATA_KEY
 from splitclip.runtime import BundleRuntime
 from splitclip.tower import Tower
 
-TOKEN_HEADER = "x-splitclip-token"
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.max_receive_message_length", 64 << 20),
@@ -25,7 +25,7 @@ CHANNEL_OPTIONS = [
 
 
 def metadata(token: str | None) -> list[tuple[str, str]]:
-    return [(TOKEN_HEADER, token)] if token else []
+    return [(TOKEN_METADATA_KEY, token)] if token else []
 
 
 class FrameMaker:

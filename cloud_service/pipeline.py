@@ -33,6 +33,7 @@ from splitclip import codec
 from splitclip.bundle import Bundle, load_bundle
 from splitclip.constants import DEFAULT_TOP_K
 from splitclip.prompts import PromptLimits, average_templates
+from splitclip.tower import unit
 
 log = logging.getLogger("splitclip.cloud.ingress")
 
@@ -122,9 +123,8 @@ class Pipeline:
 
     async def image_embedding(self, decoded: codec.Decoded) -> Embedding:
         """The normalised image embedding [embed_dim] of a decoded frame (splitclip.tower's `finish`)."""
-        if decoded.kind == "embedding":  # cut L: the node sent the embedding; a lossy codec may move it
-            e = decoded.array
-            return e / np.linalg.norm(e)
+        if decoded.kind == "embedding":  # cut L: finishing is only normalising, no tail call needed
+            return unit(decoded.array)
         return await self.tail_calls.submit((decoded.cut, decoded.array))
 
     async def text_embeddings(self, r: Resolved) -> Embedding:
@@ -138,9 +138,10 @@ class Pipeline:
     def shape_result(
         self, frame: pb.Frame, r: Resolved, probs: Embedding, top: TopK, timings: dict[str, float]
     ) -> pb.Result:
+        labels = frame.prompts or r.labels  # as the node gave them (r holds the normalised form)
         return pb.Result(
             frame_id=frame.frame_id,
-            top=[pb.Label(index=i, prompt=r.labels[i], probability=p) for i, p in top],
+            top=[pb.Label(index=i, prompt=labels[i], probability=p) for i, p in top],
             probabilities=probs.tolist(),
             bundle_id=self.bundle_id,
             cut=frame.cut,

@@ -26,7 +26,7 @@ TextFn = Callable[[list[str]], Awaitable[tuple[NDArray[np.float32], int]]]
 
 @dataclass(frozen=True)
 class Resolved:
-    """A validated prompt set (labels normalised: results show them so) and its content address."""
+    """A validated prompt set (labels normalised; results show a frame's labels as it gave them) and its content address."""
 
     prompts: PromptSet
     set_id: str

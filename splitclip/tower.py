@@ -18,6 +18,13 @@ from splitclip.preprocess import ImageLike, normalize, to_model_input
 from splitclip.runtime import BundleRuntime
 
 
+def unit(x: np.ndarray) -> NDArray[np.float32]:
+    """L2-normalised along the last axis. At cut L the tensor is already the embedding, but a lossy codec
+    may have moved it off the sphere: finishing it is only this (no ONNX Runtime needed)."""
+    e = np.asarray(x, np.float32)
+    return e / np.linalg.norm(e, axis=-1, keepdims=True)
+
+
 class Tower:
     def __init__(self, runtime: BundleRuntime) -> None:
         self.rt = runtime
@@ -48,9 +55,8 @@ class Tower:
     def finish(self, x: np.ndarray, k: int) -> NDArray[np.float32]:
         """The tensor at cut k -> normalised image embeddings [batch, embed_dim]."""
         self.check_cut(k)
-        if k == self.num_blocks:  # already the embedding; a lossy codec may have moved it off the sphere
-            e = np.asarray(x, np.float32)
-            return e / np.linalg.norm(e, axis=-1, keepdims=True)
+        if k == self.num_blocks:
+            return unit(x)
         hidden = self.rt.embed(normalize(x, self.cfg)) if k == 0 else x  # [batch, tokens, width]
         return self.rt.head(self.rt.run_blocks(hidden, k, self.num_blocks))
 
