@@ -12,7 +12,7 @@ import grpc
 
 from cloud_service.grpc_api import pb
 from splitclip.codec import CodecError, PayloadTooLarge
-from splitclip.constants import ERROR_BUNDLE_MISMATCH, ERROR_KIND_METADATA_KEY
+from splitclip.constants import ERROR_BUNDLE_MISMATCH, ERROR_IMAGE_UPLOAD_REFUSED, ERROR_KIND_METADATA_KEY
 from splitclip.prompts import PromptError
 
 
@@ -45,6 +45,14 @@ def bundle_mismatch(node_bundle: str, cloud_bundle: str) -> ServiceError:
     return precondition(
         f"bundle mismatch: the node runs bundle {node_bundle or '(none)'}, the cloud runs bundle {cloud_bundle}",
         ERROR_BUNDLE_MISMATCH,
+    )
+
+
+def image_upload_refused() -> ServiceError:
+    return precondition(
+        "image upload refused: this cloud does not accept pixels (cut 0; SPLITCLIP_ALLOW_IMAGE_UPLOAD=0 "
+        "here): send features from a cut >= 1",
+        ERROR_IMAGE_UPLOAD_REFUSED,
     )
 
 

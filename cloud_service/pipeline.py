@@ -114,6 +114,8 @@ class Pipeline:
     def decode(self, frame: pb.Frame) -> codec.Decoded:
         if frame.cut > self.num_blocks:
             raise errors.invalid(f"cut: {frame.cut} is out of range, expected 0..{self.num_blocks}")
+        if frame.cut == 0 and not self.s.allow_image_upload:  # before decoding: the pixels are never read
+            raise errors.image_upload_refused()
         n = len(frame.payload)
         if n > self.s.max_payload_bytes:
             raise errors.too_large(f"payload: {n} bytes, at most {self.s.max_payload_bytes} allowed")

@@ -40,6 +40,7 @@ class CloudSettings:
     cache_ttl_s: int = 7 * 24 * 3600  # prompt embeddings and prompt sets in Redis
     redis_timeout_s: float = 0.25  # per Redis operation; a slower Redis counts as down
     redis_retry_s: float = 1.0  # while Redis is down, try it again at most this often
+    allow_image_upload: bool = True  # False: refuse cut-0 frames (the pixels) with FAILED_PRECONDITION
 
     @staticmethod
     def load(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> CloudSettings:

@@ -77,6 +77,10 @@ class EdgeNode:
         self.cut = s.cut if s.cut is not None else m.num_blocks // 2
         if not 0 <= self.cut <= self.num_blocks:
             raise SettingsError(f"cut must be in 0..{self.num_blocks}, got {self.cut}")
+        if self.cut == 0 and s.cloud and not s.allow_image_upload:
+            raise SettingsError(
+                "cut 0 sends the image itself, which SPLITCLIP_ALLOW_IMAGE_UPLOAD=0 forbids: pick a cut >= 1"
+            )
         self.preset = codec.get_preset(s.codec)
         self.spec = codec.TensorSpec.from_manifest(m)
         self.calibration = None

@@ -13,7 +13,7 @@ from enum import StrEnum
 
 import grpc
 
-from splitclip.constants import ERROR_BUNDLE_MISMATCH, ERROR_KIND_METADATA_KEY
+from splitclip.constants import ERROR_BUNDLE_MISMATCH, ERROR_IMAGE_UPLOAD_REFUSED, ERROR_KIND_METADATA_KEY
 
 
 class Reason(StrEnum):
@@ -26,12 +26,15 @@ class Reason(StrEnum):
     DEADLINE = "deadline"  # no answer within the frame deadline; re-run locally
     CLOUD_ERROR = "cloud_error"  # the cloud answered this frame with an error; re-run locally
     BUNDLE_MISMATCH = "bundle_mismatch"  # the cloud runs another bundle
+    IMAGE_UPLOAD_REFUSED = "image_upload_refused"  # the cloud does not take pixels (cut 0)
     UNAUTHENTICATED = "unauthenticated"  # the cloud refused the node token
     REJECTED = "rejected"  # the cloud refused the node (Hello not accepted)
     ERROR = "error"  # the frame could not be answered at all (e.g. unreadable image)
 
 
-REFUSALS = frozenset({Reason.BUNDLE_MISMATCH, Reason.UNAUTHENTICATED, Reason.REJECTED})  # waiting won't fix
+REFUSALS = frozenset(
+    {Reason.BUNDLE_MISMATCH, Reason.IMAGE_UPLOAD_REFUSED, Reason.UNAUTHENTICATED, Reason.REJECTED}
+)  # waiting won't fix
 
 # Worth retrying (retry.py) and counted against the breaker: the cloud is away, busy or restarting.
 TRANSIENT = frozenset(
@@ -76,6 +79,8 @@ def outcome(code: grpc.StatusCode | str | None, details: str, *, where: Where, k
         return Outcome(f"{Reason.UNAUTHENTICATED}: {details}", Breaker.TRIP)
     if name == "FAILED_PRECONDITION" and kind == ERROR_BUNDLE_MISMATCH:
         return Outcome(f"{Reason.BUNDLE_MISMATCH}: {details}", Breaker.TRIP)
+    if name == "FAILED_PRECONDITION" and kind == ERROR_IMAGE_UPLOAD_REFUSED:
+        return Outcome(f"{Reason.IMAGE_UPLOAD_REFUSED}: {details}", Breaker.TRIP)
     health = Breaker.FAILURE if name in _UNWELL else Breaker.NONE
     status = f"{name or 'UNKNOWN'}: {details}"
     match where:

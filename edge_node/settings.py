@@ -13,6 +13,7 @@ SPLITCLIP_TLS_CA_OPTIONAL     true: that file may be absent (an optional mounted
                               trusting the system's CAs, and one warning (default false: an error)
 SPLITCLIP_TLS_SERVER_NAME     override the TLS target name (tests, IP addresses)
 SPLITCLIP_CUT                 cut k in 0..L (default L // 2; `splitclip edge plan` says which is fastest)
+SPLITCLIP_ALLOW_IMAGE_UPLOAD  0: never send pixels to the cloud (a node with cut 0 and a cloud refuses to start)
 SPLITCLIP_CODEC               codec preset (default: int8-zstd)
 SPLITCLIP_TOP_K               labels per result (default 5)
 SPLITCLIP_FRAME_DEADLINE_S    per-frame deadline for the split path, seconds (default 5)
@@ -49,6 +50,7 @@ class EdgeSettings:
     tls_ca_optional: bool = False  # tls_ca may be absent (an optional Secret): then TLS with the system CAs
     tls_server_name: str | None = None
     cut: int | None = None  # None = L // 2
+    allow_image_upload: bool = True  # False: never send pixels (cut 0) to the cloud
     codec: str = "int8-zstd"
     top_k: int = 5
     frame_deadline_s: float = 5.0

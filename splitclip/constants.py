@@ -10,6 +10,7 @@ ERROR_KIND_METADATA_KEY = "x-splitclip-error"
 
 # Values of ERROR_KIND_METADATA_KEY (trailing metadata on a failed call) and of Result.error.kind.
 ERROR_BUNDLE_MISMATCH = "bundle-mismatch"
+ERROR_IMAGE_UPLOAD_REFUSED = "image-upload-refused"  # the cloud does not take pixels (cut 0)
 
 # OpenAI CLIP's image normalisation, the default when a checkpoint's preprocessor config is silent.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

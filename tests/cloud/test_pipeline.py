@@ -23,7 +23,7 @@ from cloud_service.settings import CloudSettings
 from cloud_service.text_encoder import TextCore
 from cloud_service.vision_tail import TailCore
 from splitclip.classify import classify_local
-from splitclip.constants import ERROR_BUNDLE_MISMATCH
+from splitclip.constants import ERROR_BUNDLE_MISMATCH, ERROR_IMAGE_UPLOAD_REFUSED
 from splitclip.prompts import prompt_set
 from splitclip.runtime import BundleRuntime
 
@@ -185,6 +185,27 @@ def test_hello_is_the_heartbeat_of_the_registry(tiny_bundle_dir, redis_server, r
         assert listed() == {}
         with pytest.raises(errors.ServiceError):
             await p.hello(pb.HelloRequest(bundle_id=bid))  # no node_id
+        await p.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_cloud_that_takes_no_pixels_refuses_cut_0_with_the_reason(tiny_bundle_dir, redis_server, maker):
+    """SPLITCLIP_ALLOW_IMAGE_UPLOAD=0: cut-0 frames are FAILED_PRECONDITION with their kind; features pass."""
+
+    async def scenario() -> None:
+        s = CloudSettings.load(
+            {"bundle": str(tiny_bundle_dir), "redis_url": redis_server.url},
+            env={"SPLITCLIP_ALLOW_IMAGE_UPLOAD": "0"},
+        )
+        assert s.allow_image_upload is False
+        p = local_pipeline(s)
+        r = await p.answer(maker.frame(image(0), 0, PROMPTS))
+        assert isinstance(r, errors.ServiceError)
+        assert (r.code, r.kind) == (grpc.StatusCode.FAILED_PRECONDITION, ERROR_IMAGE_UPLOAD_REFUSED)
+        assert "does not accept pixels" in r.message and r.to_pb().kind == ERROR_IMAGE_UPLOAD_REFUSED
+        ok = await p.answer(maker.frame(image(0), 1, PROMPTS))
+        assert not isinstance(ok, errors.ServiceError) and len(ok.probabilities) == len(PROMPTS)
         await p.close()
 
     asyncio.run(scenario())

@@ -92,3 +92,14 @@ def test_tampered_bundle_is_refused(bundle: Path, tmp_path: Path) -> None:
         f.write(b"\0")
     with pytest.raises(BundleError, match="tampered"):
         EdgeNode(copy)
+
+
+def test_a_node_that_may_not_send_pixels_never_runs_cut_0_against_a_cloud(bundle: Path) -> None:
+    from splitclip.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="SPLITCLIP_ALLOW_IMAGE_UPLOAD=0 forbids"):
+        EdgeNode(bundle, cloud="127.0.0.1:1", cut=0, allow_image_upload=False)
+    with EdgeNode(bundle, cloud="127.0.0.1:1", cut=1, allow_image_upload=False) as node:
+        assert node.cut == 1
+    with EdgeNode(bundle, cut=0, allow_image_upload=False) as node:  # no cloud: nothing leaves the node
+        assert node.cut == 0

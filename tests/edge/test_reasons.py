@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from edge_node.reasons import Breaker, Where, hello_refusal, local_reason, outcome
-from splitclip.constants import ERROR_BUNDLE_MISMATCH
+from splitclip.constants import ERROR_BUNDLE_MISMATCH, ERROR_IMAGE_UPLOAD_REFUSED
 
 C = grpc.StatusCode
 
@@ -19,6 +19,20 @@ C = grpc.StatusCode
         (C.FAILED_PRECONDITION, Where.UNARY, ERROR_BUNDLE_MISMATCH, "bundle_mismatch: d", Breaker.TRIP),
         (C.FAILED_PRECONDITION, Where.HELLO, ERROR_BUNDLE_MISMATCH, "bundle_mismatch: d", Breaker.TRIP),
         ("FAILED_PRECONDITION", Where.RESULT, ERROR_BUNDLE_MISMATCH, "bundle_mismatch: d", Breaker.TRIP),
+        (
+            "FAILED_PRECONDITION",
+            Where.RESULT,
+            ERROR_IMAGE_UPLOAD_REFUSED,
+            "image_upload_refused: d",
+            Breaker.TRIP,
+        ),
+        (
+            C.FAILED_PRECONDITION,
+            Where.UNARY,
+            ERROR_IMAGE_UPLOAD_REFUSED,
+            "image_upload_refused: d",
+            Breaker.TRIP,
+        ),
         ("FAILED_PRECONDITION", Where.RESULT, "", "cloud_error: FAILED_PRECONDITION: d", Breaker.NONE),
         (C.FAILED_PRECONDITION, Where.UNARY, "", "cloud_error: FAILED_PRECONDITION: d", Breaker.NONE),
         (C.DEADLINE_EXCEEDED, Where.UNARY, "", "deadline", Breaker.FAILURE),
