@@ -34,6 +34,7 @@ from edge_node.reasons import (
     Outcome,
     Reason,
     Where,
+    base,
     local_reason,
     outcome,
     result_outcome,
@@ -107,6 +108,7 @@ class EdgeNode:
         )
         self.client: CloudClient | None = None
         self.health: CloudHealth | None = None
+        self._pixels_refused: str | None = None  # the cloud said it takes no cut-0 frames: the reason
         if s.cloud:
             self.client = CloudClient(s)
             self.health = CloudHealth(
@@ -123,13 +125,11 @@ class EdgeNode:
     # -- public API ------------------------------------------------------------------------------
     @property
     def mode(self) -> str:
-        return "split" if self.client is not None and self.breaker.allow() else "local"
+        return "split" if self._sends() else "local"
 
     @property
     def mode_reason(self) -> str:
-        if self.client is None:
-            return Reason.NO_CLOUD
-        return Reason.CLOUD if self.breaker.allow() else self.breaker.reason
+        return Reason.CLOUD if self._sends() else self._local_reason()
 
     def classify(
         self,
@@ -145,7 +145,7 @@ class EdgeNode:
         sink: queue.SimpleQueue[EdgeResult] = queue.SimpleQueue()
         t = Ticket(next(self._ids), source or _name(image), prompt_set, sink)
         client = self.client
-        if client is None or not self.breaker.allow():
+        if client is None or not self._sends():
             self._answer_locally(t, image, self._local_reason())
             return sink.get()
         frame = self._prepare_frame(t, image)
@@ -228,7 +228,7 @@ class EdgeNode:
         return checked
 
     def _dispatch(self, t: Ticket, image: ImageLike) -> None:
-        if self.client is None or not self.breaker.allow():
+        if not self._sends():
             self._answer_locally(t, image, self._local_reason())
             return
         frame = self._prepare_frame(t, image)
@@ -310,7 +310,10 @@ class EdgeNode:
 
     def _lost(self, t: Ticket, o: Outcome) -> None:
         """The cloud did not answer this frame: tell the breaker what `o` means, answer locally."""
-        if o.breaker is Breaker.TRIP:
+        if base(o.reason) == Reason.IMAGE_UPLOAD_REFUSED:
+            # the cloud is fine but will refuse every cut-0 frame: stay local for good, no probing
+            self._pixels_refused = o.reason
+        elif o.breaker is Breaker.TRIP:
             self.breaker.trip(o.reason)
         elif o.breaker is Breaker.FAILURE:
             self.breaker.record_failure(o.reason)
@@ -365,7 +368,13 @@ class EdgeNode:
             self.stats.count(r)
         t.sink.put(r)
 
+    def _sends(self) -> bool:
+        """Do frames go to the cloud now?"""
+        return self.client is not None and self.breaker.allow() and self._pixels_refused is None
+
     def _local_reason(self) -> str:
+        if self._pixels_refused is not None and self.client is not None:
+            return self._pixels_refused
         return local_reason(self.breaker.reason, has_cloud=self.client is not None)
 
 

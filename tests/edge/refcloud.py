@@ -21,6 +21,7 @@ import numpy as np
 
 from splitclip import codec
 from splitclip.constants import ERROR_BUNDLE_MISMATCH as BUNDLE
+from splitclip.constants import ERROR_IMAGE_UPLOAD_REFUSED as IMAGE_REFUSED
 from splitclip.constants import ERROR_KIND_METADATA_KEY
 from splitclip.prompts import prompt_set, score, top_k
 from splitclip.runtime import BundleRuntime
@@ -48,6 +49,7 @@ class RefCloud(pb_grpc.SplitClipServicer):
         token: str | None = None,
         cloud_bundle_id: str | None = None,
         heartbeat_interval_s: float = 0.0,
+        allow_image_upload: bool = True,
     ) -> None:
         self.rt = BundleRuntime(bundle_dir)
         self.rt.warmup()
@@ -56,6 +58,7 @@ class RefCloud(pb_grpc.SplitClipServicer):
         self.bundle_id = cloud_bundle_id or self.rt.manifest.bundle_id
         self.faults = Faults()
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.allow_image_upload = allow_image_upload
         self.hello_requests: list[pb.HelloRequest] = []
         self.frames = 0
         self.hellos = 0
@@ -103,6 +106,9 @@ class RefCloud(pb_grpc.SplitClipServicer):
             )
         if f.bundle_id != self.bundle_id:
             error = pb.Error(code="FAILED_PRECONDITION", message="the node runs another bundle", kind=BUNDLE)
+            return pb.Result(frame_id=f.frame_id, error=error)
+        if f.cut == 0 and not self.allow_image_upload:
+            error = pb.Error(code="FAILED_PRECONDITION", message="no pixels here", kind=IMAGE_REFUSED)
             return pb.Result(frame_id=f.frame_id, error=error)
         x = codec.decode(f.payload, cut=f.cut, spec=self.spec).array
         emb = Tower(self.rt).finish(x[None], f.cut)[0]  # [embed_dim]

@@ -271,3 +271,21 @@ def test_no_prober_or_stream_threads_outlive_closed_nodes(bundle: Path, images, 
             list(node.classify_many(images[:2], PROMPTS))
     names = [t.name for t in threading.enumerate()]
     assert not [n for n in names if n.startswith(("edge-prober", "edge-stream", "edge-local"))], names
+
+
+def test_a_cloud_that_refuses_pixels_keeps_a_cut_0_node_local_for_good(bundle: Path, images) -> None:
+    """The refusal is about cut 0, not the link: one refused frame, then every frame local with the reason,
+    even after probes and heartbeats succeed (no flapping back to split)."""
+    rc = RefCloud(bundle, allow_image_upload=False)
+    rc.start()
+    try:
+        with EdgeNode(bundle, cloud=f"127.0.0.1:{rc.port}", cut=0, codec="lossless", **FAST) as node:
+            first = node.classify(images[0], PROMPTS)
+            time.sleep(0.8)  # longer than a probe interval
+            rest = list(node.classify_many(images[:4], PROMPTS))
+            assert node.mode == "local" and node.mode_reason.startswith("image_upload_refused")
+        assert [r.mode for r in [first, *rest]] == ["local"] * 5
+        assert all(r.reason.startswith("image_upload_refused") for r in [first, *rest])
+        assert rc.frames + rc.classify_calls == 1  # only the first frame ever reached the cloud
+    finally:
+        rc.stop()
