@@ -10,6 +10,7 @@ A bundle directory looks like this (names are relative to it):
     tokenizer.json           Hugging Face tokenizers file
     preprocess.json          resize / crop / mean / std (see splitclip.preprocess)
     calibration.npz          optional: per-cut PCA bases for the codec (see splitclip.codec)
+    agreement.json           optional: measured agreement per plan (see splitclip.agreement)
 
 The bundle id is a hash over the manifest's whole content (every field but the id itself, the sha256
 of every listed file among them), so two bundles with the same id run the same numbers and score the
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 from splitclip.errors import SplitclipError
 
 if TYPE_CHECKING:
+    from splitclip.agreement import AgreementTable
     from splitclip.codec import Calibration
 
 BUNDLE_FORMAT = 2  # 2: the id covers the manifest content, not only the files
@@ -187,6 +189,12 @@ class Bundle:
 
     def read_json(self, name: str) -> dict:
         return json.loads(self.path(name).read_text())
+
+    def agreement(self) -> AgreementTable | None:
+        """The measured agreement per plan (agreement.json), or None when the bundle has none."""
+        from splitclip.agreement import AGREEMENT_FILE, AgreementTable
+
+        return AgreementTable.load(self.path(AGREEMENT_FILE)) if self.has(AGREEMENT_FILE) else None
 
     def calibration(self) -> Calibration | None:
         """The codec calibration (per-cut PCA bases, calibration.npz), or None when the bundle has none."""
