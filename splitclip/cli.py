@@ -23,6 +23,7 @@ GROUP_HELP = {
     "edge": "edge node commands",
     "bench": "benchmarks that print tables",
     "cloud": "start the cloud service, or look at it",
+    "bundle": "look at a bundle",
 }
 
 
