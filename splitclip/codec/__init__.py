@@ -4,8 +4,8 @@ Every payload is self-describing: a fixed 48-byte little-endian header, then a b
 part of the format and documents its layout:
 
     frame        the header, its kind / dtype codes and flags, crc32, strict header reading
-    presets      the named presets and their header ids
-    image        cut 0: JPEG / PNG file bytes
+    presets      the named presets and their header ids (PRESETS: every cut; IMAGE_PRESETS: cut 0 only)
+    image        cut 0: JPEG / PNG / WebP file bytes
     dense        cut L: fp32 / fp16 embedding; 0 < k < L: fp32 / fp16 / int8 / int4 hidden states,
                  optionally pruned (hidden), PCA-projected and zstd-coded
     klt          0 < k < L: KLT transform coding (dtypes klt16 and kltans)
@@ -30,6 +30,7 @@ from splitclip.codec.frame import (  # noqa: F401  (the codes outside __all__ st
     DT_KLT16,
     DT_KLTANS,
     DT_PNG,
+    DT_WEBP,
     DTYPE_NAMES,
     FLAG_KLT,
     FLAG_PCA,
@@ -48,15 +49,18 @@ from splitclip.codec.frame import (  # noqa: F401  (the codes outside __all__ st
     TensorSpec,
     read_header,
 )
-from splitclip.codec.presets import PRESETS, Preset, get_preset
+from splitclip.codec.presets import ALL_PRESETS, IMAGE_PRESETS, PRESETS, ImagePreset, Preset, get_preset
 
 __all__ = [
+    "ALL_PRESETS",
+    "IMAGE_PRESETS",
     "PRESETS",
     "Calibration",
     "CalibrationError",
     "CodecError",
     "Decoded",
     "Header",
+    "ImagePreset",
     "Limits",
     "PayloadTooLarge",
     "Preset",

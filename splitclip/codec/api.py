@@ -10,6 +10,7 @@ from numpy.typing import NDArray
 from splitclip.codec.body import BodyFormat
 from splitclip.codec.calibration import Calibration
 from splitclip.codec.dense import DenseHidden, Embedding
+from splitclip.codec.errors import CodecError
 from splitclip.codec.frame import (
     DT_FP16,
     DT_FP32,
@@ -19,6 +20,7 @@ from splitclip.codec.frame import (
     DT_KLT16,
     DT_KLTANS,
     DT_PNG,
+    DT_WEBP,
     KIND_EMBEDDING,
     KIND_HIDDEN,
     KIND_IMAGE,
@@ -30,7 +32,7 @@ from splitclip.codec.frame import (
 )
 from splitclip.codec.image import ImageBody
 from splitclip.codec.klt import Klt16, KltAns
-from splitclip.codec.presets import Preset, get_preset, preset_name
+from splitclip.codec.presets import ImagePreset, Preset, get_preset, preset_name
 
 _IMAGE, _EMBEDDING, _DENSE, _KLT16, _KLTANS = ImageBody(), Embedding(), DenseHidden(), Klt16(), KltAns()
 
@@ -38,6 +40,7 @@ _IMAGE, _EMBEDDING, _DENSE, _KLT16, _KLTANS = ImageBody(), Embedding(), DenseHid
 READERS: dict[tuple[int, int], BodyFormat] = {
     (KIND_IMAGE, DT_JPEG): _IMAGE,
     (KIND_IMAGE, DT_PNG): _IMAGE,
+    (KIND_IMAGE, DT_WEBP): _IMAGE,
     (KIND_EMBEDDING, DT_FP32): _EMBEDDING,
     (KIND_EMBEDDING, DT_FP16): _EMBEDDING,
     **{(KIND_HIDDEN, dt): _DENSE for dt in (DT_FP32, DT_FP16, DT_INT8, DT_INT4)},
@@ -78,7 +81,10 @@ def encode(
     """Encode the tensor at `cut`: uint8 [H, W, 3] image (cut 0), float32 [tokens, width] hidden,
     or float32 [embed_dim] embedding (cut L). Raises CodecError on a bad input."""
     p = get_preset(preset)
-    h, body = writer(spec.kind_at(cut), p).encode(np.asarray(x), cut, spec, p, calibration)
+    kind = spec.kind_at(cut)
+    if isinstance(p, ImagePreset) and kind != "image":
+        raise CodecError(f"preset {p.name}: an image preset applies at cut 0 only, got cut {cut} ({kind})")
+    h, body = writer(kind, p).encode(np.asarray(x), cut, spec, p, calibration)
     return frame(h, body)
 
 

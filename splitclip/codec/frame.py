@@ -26,6 +26,7 @@ KIND_IMAGE, KIND_HIDDEN, KIND_EMBEDDING = 0, 1, 2
 KIND_NAMES = {KIND_IMAGE: "image", KIND_HIDDEN: "hidden", KIND_EMBEDDING: "embedding"}
 
 DT_FP32, DT_FP16, DT_INT8, DT_INT4, DT_JPEG, DT_PNG, DT_KLT16, DT_KLTANS = 0, 1, 2, 3, 4, 5, 6, 7
+DT_WEBP = 8  # appended with the cut-0 image presets (lossy or lossless WebP file bytes)
 DTYPE_NAMES = {
     DT_FP32: "fp32",
     DT_FP16: "fp16",
@@ -35,11 +36,12 @@ DTYPE_NAMES = {
     DT_PNG: "png",
     DT_KLT16: "klt16",
     DT_KLTANS: "kltans",
+    DT_WEBP: "webp",
 }
 DTYPE_CODES = {v: k for k, v in DTYPE_NAMES.items()}
 # the dtypes each kind may carry, in the order error messages list them
 KIND_DTYPES = {
-    KIND_IMAGE: (DT_JPEG, DT_PNG),
+    KIND_IMAGE: (DT_JPEG, DT_PNG, DT_WEBP),
     KIND_HIDDEN: (DT_FP32, DT_FP16, DT_INT8, DT_INT4, DT_KLT16, DT_KLTANS),
     KIND_EMBEDDING: (DT_FP32, DT_FP16),
 }

@@ -117,24 +117,79 @@ _PRESET_LIST = (
     _klt_ans(15, 0.20),
     _klt_ans(16, 0.40),
 )
-PRESETS: dict[str, Preset] = {p.name: p for p in _PRESET_LIST}
-_BY_ID = {p.id: p for p in _PRESET_LIST}
-assert len(_BY_ID) == len(_PRESET_LIST) and 0 not in _BY_ID, "preset ids must be unique and >= 1"
+PRESETS: dict[str, Preset] = {p.name: p for p in _PRESET_LIST}  # the presets that apply at every cut
+
+IMAGE_FORMATS = ("jpeg", "webp", "png")
+
+
+@dataclass(frozen=True)
+class ImagePreset(Preset):
+    """A cut-0 image choice: the uint8 model input sent as an image file. It applies at cut 0 only (encoding
+    at any other cut is a CodecError); `jpeg_quality` is the encoder quality (for lossless WebP its effort)."""
+
+    image: str = "jpeg"  # "jpeg" | "webp" | "png"
+    subsampling: str = "4:2:0"  # jpeg: chroma subsampling, "4:2:0" | "4:4:4" (WebP lossy is always 4:2:0)
+    image_lossless: bool = False  # webp: lossless WebP
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.image not in IMAGE_FORMATS or self.subsampling not in ("4:2:0", "4:4:4"):
+            raise CodecError(
+                f"preset {self.name}: image {self.image!r} / subsampling {self.subsampling!r}, expected "
+                f"one of {'/'.join(IMAGE_FORMATS)} / 4:2:0 or 4:4:4"
+            )
+        if self.image_lossless and self.image != "webp":
+            raise CodecError(f"preset {self.name}: image_lossless is a WebP option, got image {self.image!r}")
+
+    @property
+    def lossless(self) -> bool:
+        return self.image == "png" or (self.image == "webp" and self.image_lossless)
+
+
+def _jpeg(id: int, chroma: str, q: int) -> ImagePreset:
+    sub = {"420": "4:2:0", "444": "4:4:4"}[chroma]
+    return ImagePreset(f"jpeg{chroma}-q{q}", jpeg_quality=q, subsampling=sub, doc=f"JPEG {sub} q{q}", id=id)
+
+
+# Cut-0 image choices, appended after the every-cut presets with their own ids (same rule: never reuse one).
+_IMAGE_PRESET_LIST = (
+    *(_jpeg(17 + i, "420", q) for i, q in enumerate((75, 90, 95, 99))),
+    *(_jpeg(21 + i, "444", q) for i, q in enumerate((75, 90, 95, 99))),
+    ImagePreset("webp-q90", image="webp", jpeg_quality=90, doc="WebP lossy q90 (4:2:0)", id=25),
+    ImagePreset("webp-q100", image="webp", jpeg_quality=100, doc="WebP lossy q100 (4:2:0)", id=26),
+    ImagePreset(
+        "webp-lossless",
+        image="webp",
+        image_lossless=True,
+        jpeg_quality=70,
+        doc="lossless WebP (effort 70, method 2)",
+        id=27,
+    ),
+    ImagePreset("png", image="png", jpeg_quality=100, doc="PNG at zlib level 9: bit-exact", id=28),
+)
+IMAGE_PRESETS: dict[str, ImagePreset] = {p.name: p for p in _IMAGE_PRESET_LIST}  # cut 0 only
+ALL_PRESETS: dict[str, Preset] = {**PRESETS, **IMAGE_PRESETS}
+_BY_ID = {p.id: p for p in ALL_PRESETS.values()}
+assert len(_BY_ID) == len(ALL_PRESETS) == len(_PRESET_LIST) + len(_IMAGE_PRESET_LIST), "unique names and ids"
+assert 0 not in _BY_ID, "preset ids must be >= 1"
 
 
 def get_preset(name: str | Preset) -> Preset:
     if isinstance(name, Preset):
         return name
     try:
-        return PRESETS[name]
+        return ALL_PRESETS[name]
     except KeyError:
-        raise CodecError(f"preset: unknown {name!r}, expected one of {', '.join(PRESETS)}") from None
+        raise CodecError(f"preset: unknown {name!r}, expected one of {', '.join(ALL_PRESETS)}") from None
 
 
 def wire_id(p: Preset) -> int:
-    """The header preset id: the named preset's id, looked up by name (0 for any other name)."""
-    named = PRESETS.get(p.name)
-    return named.id if named is not None else 0
+    """The header preset id: the named preset's id, looked up by name (0 for any other name, and for a
+    preset that reuses an image preset's name with other settings: its id would name another format)."""
+    named = ALL_PRESETS.get(p.name)
+    if named is None or (isinstance(named, ImagePreset) and named != p):
+        return 0
+    return named.id
 
 
 def preset_name(preset_id: int) -> str | None:
