@@ -35,6 +35,7 @@ from edge_node.reasons import (
     Reason,
     Where,
     base,
+    is_refusal,
     local_reason,
     outcome,
     result_outcome,
@@ -306,7 +307,11 @@ class EdgeNode:
         self._deliver(t, t.split_result(res, cut=self.cut, codec=self.preset.name))
 
     def _on_stream_lost(self, t: Ticket, lost: Lost) -> None:
-        self._lost(t, outcome(lost.code, lost.why, where=Where.STREAM, kind=lost.kind))
+        o = outcome(lost.code, lost.why, where=Where.STREAM, kind=lost.kind)
+        if not self.breaker.allow() and is_refusal(self.breaker.reason):
+            # in flight on the stream a refusal just dropped: the refusal is the reason, not the link
+            o = Outcome(self.breaker.reason, Breaker.NONE)
+        self._lost(t, o)
 
     def _lost(self, t: Ticket, o: Outcome) -> None:
         """The cloud did not answer this frame: tell the breaker what `o` means, answer locally."""
