@@ -12,9 +12,17 @@ SPLITCLIP_TLS_CA              PEM file of the CA: use a TLS channel instead of a
 SPLITCLIP_TLS_CA_OPTIONAL     true: that file may be absent (an optional mounted Secret); then TLS
                               trusting the system's CAs, and one warning (default false: an error)
 SPLITCLIP_TLS_SERVER_NAME     override the TLS target name (tests, IP addresses)
-SPLITCLIP_CUT                 cut k in 0..L (default L // 2; `splitclip edge plan` says which is fastest)
+SPLITCLIP_CUT                 a fixed cut k in 0..L (with SPLITCLIP_CODEC), or `auto`: with a cloud the online
+                              planner picks the plan per frame (edge_node/autoplan.py). Unset: L // 2 for the
+                              Python API; `splitclip edge classify` with a cloud uses auto
 SPLITCLIP_ALLOW_IMAGE_UPLOAD  0: never send pixels to the cloud (a node with cut 0 and a cloud refuses to start)
-SPLITCLIP_CODEC               codec preset (default: int8-zstd)
+SPLITCLIP_CODEC               codec preset of a fixed cut (default: int8-zstd; auto ignores it)
+SPLITCLIP_MIN_AGREEMENT       auto: only plans with measured top-1 agreement >= this (default 0.99)
+SPLITCLIP_OBJECTIVE           auto: `latency` (default) or `bytes` (fewest bytes within LATENCY_BUDGET_MS)
+SPLITCLIP_LATENCY_BUDGET_MS   auto, objective bytes: the predicted latency a plan may take
+SPLITCLIP_PLAN_MARGIN         auto: switch only to a plan predicted this much better (default 0.15) ...
+SPLITCLIP_PLAN_PATIENCE       ... for this many frames in a row (default 3)
+SPLITCLIP_CACHE_DIR           the device profile cache (default ~/.cache/splitclip)
 SPLITCLIP_TOP_K               labels per result (default 5)
 SPLITCLIP_FRAME_DEADLINE_S    per-frame deadline for the split path, seconds (default 5)
 SPLITCLIP_WINDOW              frames in flight on the stream (default 8)
@@ -37,6 +45,7 @@ from pathlib import Path
 from splitclip import settings as loader
 from splitclip.settings import SettingsError
 
+AUTO = "auto"  # SPLITCLIP_CUT / --cut value of the online planner (the same as leaving it unset)
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "demo"  # built by `make demo`
 
 
@@ -49,7 +58,8 @@ class EdgeSettings:
     tls_ca: Path | None = None  # CA bundle (PEM): TLS when set
     tls_ca_optional: bool = False  # tls_ca may be absent (an optional Secret): then TLS with the system CAs
     tls_server_name: str | None = None
-    cut: int | None = None  # None = L // 2
+    cut: int | None = None  # a fixed cut; None = L // 2, or the planner when plan is "auto"
+    plan: str = "fixed"  # "auto" (SPLITCLIP_CUT=auto / cut="auto"): chosen per frame with a cloud
     allow_image_upload: bool = True  # False: never send pixels (cut 0) to the cloud
     codec: str = "int8-zstd"
     top_k: int = 5
@@ -65,11 +75,32 @@ class EdgeSettings:
     keepalive_s: float = 20.0
     reconnect_backoff_max_s: float = 1.0  # grpc's own reconnect backoff cap (its default is 120 s)
     max_message_bytes: int = 16 << 20
+    min_agreement: float = 0.99  # auto: the agreement floor
+    objective: str = "latency"  # auto: "latency" | "bytes"
+    latency_budget_ms: float = 0.0  # auto, objective bytes: required (> 0)
+    plan_margin: float = 0.15
+    plan_patience: int = 3
+    cache_dir: Path | None = None  # None = ~/.cache/splitclip
+
+    @property
+    def auto(self) -> bool:
+        """Does the online planner choose each frame's plan (auto, and a cloud to send to)?"""
+        return self.plan == AUTO and self.cloud is not None
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None, **overrides: object) -> EdgeSettings:
         """Settings from `SPLITCLIP_*` variables; keyword overrides that are not None win."""
         env = os.environ if env is None else env
+        # cut "auto" is plan "auto"; a cut given as an override wins over SPLITCLIP_CUT=auto
+        override_cut = overrides.get("cut")
+        if str(env.get("SPLITCLIP_CUT", "")).strip().lower() == AUTO:
+            env = {k: v for k, v in env.items() if k != "SPLITCLIP_CUT"}
+            if override_cut is None:
+                overrides = {**overrides, "plan": AUTO}
+        if str(override_cut).strip().lower() == AUTO:
+            overrides = {**overrides, "cut": None, "plan": AUTO}
+        elif override_cut is not None:
+            overrides = {**overrides, "plan": "fixed"}
         values = loader.load(EdgeSettings, env, overrides, kind="edge")
         if "bundle" not in values and DEFAULT_BUNDLE.is_dir():
             values["bundle"] = DEFAULT_BUNDLE
@@ -92,5 +123,19 @@ class EdgeSettings:
             )
         if self.breaker_failures < 1:
             raise SettingsError(f"breaker_failures must be >= 1, got {self.breaker_failures}")
+        if self.plan not in ("fixed", AUTO) or (self.plan == AUTO and self.cut is not None):
+            raise SettingsError(
+                f"plan must be fixed, or auto without a cut; got {self.plan!r}, cut {self.cut}"
+            )
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise SettingsError(f"min_agreement must be in 0..1, got {self.min_agreement}")
+        if self.objective not in ("latency", "bytes"):
+            raise SettingsError(f"objective must be latency or bytes, got {self.objective!r}")
+        if self.objective == "bytes" and self.latency_budget_ms <= 0:
+            raise SettingsError("objective bytes needs latency_budget_ms > 0 (SPLITCLIP_LATENCY_BUDGET_MS)")
+        if self.plan_margin < 0 or self.plan_patience < 1:
+            raise SettingsError(
+                f"expected plan_margin >= 0 and plan_patience >= 1, got {self.plan_margin}, {self.plan_patience}"
+            )
         if self.cloud is not None and ":" not in self.cloud:
             raise SettingsError(f"cloud must be HOST:PORT, got {self.cloud!r}")

@@ -1,0 +1,415 @@
+"""The online planner: per frame, which plan (local, or cut k with a preset) answers soonest, learnt from the node's own traffic.
+
+Pure: numbers in, a plan out (no gRPC, no ONNX Runtime), so it is tested on synthetic profiles.
+
+    predicted(local)     = preprocess + the whole tower                  (the profile)
+    predicted(k, preset) = preprocess + edge stages[0:k] + encode       (the profile)
+                           + rtt + frame bytes * 8 / bandwidth          (LinkEstimate)
+                           + cloud decode + tail + queue + text + score (CloudEstimate)
+
+Bytes per (cut, preset) are the bundle's measured means (agreement.json) when it has them, else the
+profile's own encodes. Estimates come from answered frames only (no probe traffic): the node's wall
+time from send to answer minus the cloud's reported server time (Result.timings_ms["total"]) is one
+(frame bytes, transfer + rtt) sample; a recency-weighted least-squares line through the recent samples
+gives rtt (intercept) and bandwidth (slope); while every frame is about the same size the line goes
+through the round trip of the node's Hellos (heartbeats; the least of the last 5) at 0 bytes. The cloud's speed is learnt as a ratio to this device's own stage times, so a cut never sent
+is predicted from the cuts that were. Hysteresis: the node moves to another plan only after it has
+been predicted better than the current one by `margin` for `patience` frames in a row. While it
+answers locally nothing is learnt, so the first frame and then one every `explore_every` frames
+(doubling while local stays best) go with the best remote plan: real frames, answered by the cloud.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from edge_node.profile import EdgeProfile
+from splitclip import codec
+from splitclip.agreement import AgreementTable
+
+if TYPE_CHECKING:
+    from edge_node.settings import EdgeSettings
+    from splitclip.bundle import Bundle
+    from splitclip.runtime import BundleRuntime
+
+log = logging.getLogger("splitclip.edge")
+
+PLANNED_LOCAL = "planned"  # the reason of a frame the planner chose to answer locally
+
+
+@dataclass(frozen=True)
+class Candidate:
+    cut: int | None  # None: answer locally
+    preset: str  # "" for local
+    payload_bytes: float
+    edge_ms: float  # on this device: preprocess + edge stages + encode (local: the whole tower)
+    cloud_compute_ms: float  # stages[k:L] + head at this device's speed (the cloud's speed is learnt)
+    decode_ms: float  # this device's decode time: the prior of the cloud's
+    agreement: float | None = None  # measured, when the bundle says
+
+    @property
+    def is_local(self) -> bool:
+        return self.cut is None
+
+    @property
+    def label(self) -> str:
+        return "local" if self.cut is None else f"cut{self.cut}/{self.preset}"
+
+
+@dataclass(frozen=True)
+class Policy:
+    min_agreement: float = 0.99
+    allow_image_upload: bool = True
+    objective: str = "latency"  # "latency" | "bytes"
+    latency_budget_ms: float = 0.0  # objective bytes: predicted latency allowed
+    margin: float = 0.15  # a new plan must be predicted this much better ...
+    patience: int = 3  # ... for this many frames in a row
+    explore_every: int = 50  # frames answered locally before one goes remote (then doubling) ...
+    explore_max: int = 800  # ... up to this
+
+
+def candidates(
+    profile: EdgeProfile,
+    table: AgreementTable | None,
+    policy: Policy,
+    *,
+    say: Callable[[str], None] = log.info,
+) -> list[Candidate]:
+    """ "local" and every (cut, preset) the floor and the privacy setting allow, with its costs."""
+    st = profile.stages
+    L = profile.num_blocks
+    out = [Candidate(None, "", 0.0, st.edge_ms(-1), 0.0, 0.0, 1.0)]
+    if table is None and policy.min_agreement > 0:
+        say(
+            f"bundle {profile.bundle_id} has no agreement table: only lossless presets count as "
+            f">= the agreement floor {policy.min_agreement:g}"
+        )
+    for (k, name), cost in sorted(profile.codecs.items()):
+        if not 0 <= k <= L or (k == 0 and not policy.allow_image_upload):
+            continue
+        agreement: float | None = None
+        payload = cost.payload_bytes
+        if table is not None:
+            row = table.get(k, name)
+            if row is None or row.agreement < policy.min_agreement:
+                continue
+            agreement, payload = row.agreement, row.bytes
+        elif policy.min_agreement > 0 and not _lossless(name):
+            continue
+        edge = st.edge_ms(k) + cost.encode_ms
+        out.append(Candidate(k, name, payload, edge, st.cloud_ms(k), cost.decode_ms, agreement))
+    return out
+
+
+def _lossless(name: str) -> bool:
+    p = codec.PRESETS.get(name)
+    return p is not None and p.lossless
+
+
+class LinkEstimate:
+    """ms from send to answer, less the cloud's server time, for a frame of b bytes: rtt + b / rate."""
+
+    def __init__(self, rtt_ms: float = 20.0, mbps: float = 10.0, decay: float = 0.85, size: int = 64) -> None:
+        self.prior_rtt_ms = rtt_ms  # the anchor while frames are all one size: a guess, then Hello's
+        self.hello_ms: deque[float] = deque(maxlen=5)
+        self.decay = decay  # weight of a sample one frame older
+        self.samples: deque[tuple[float, float]] = deque(maxlen=size)  # (frame bytes, ms), newest last
+        self.rtt_ms = rtt_ms
+        self.ms_per_byte = 8.0 / (mbps * 1e3)
+        self._surprises = 0  # consecutive samples off the line: + above, - below
+
+    @property
+    def mbps(self) -> float:
+        return 8.0 / (self.ms_per_byte * 1e3)
+
+    def observe(self, frame_bytes: float, ms: float, *, fresh: bool = False) -> None:
+        """One frame's (bytes, ms). Off the line by > 35 % three times in a row the same way (a step
+        change: ±20 % noise never is), or once when `fresh` (the first frame after a while), and the
+        older samples are forgotten."""
+        b, t = max(0.0, frame_bytes), max(0.0, ms)
+        rel = (t - self.predict(b)) / max(self.predict(b), 1e-3)
+        if abs(rel) > 0.35:
+            same = self._surprises != 0 and (rel > 0) == (self._surprises > 0)
+            self._surprises = (self._surprises + (1 if rel > 0 else -1)) if same else (1 if rel > 0 else -1)
+        else:
+            self._surprises = 0
+        self.samples.append((b, t))
+        if (fresh and self._surprises != 0) or abs(self._surprises) >= 3:
+            keep = 1 if fresh else 3
+            recent = list(self.samples)[-keep:]
+            self.samples.clear()
+            self.samples.extend(recent)
+            self._surprises = 0
+        self._fit()
+
+    def observe_rtt(self, ms: float) -> None:
+        """A round trip with (almost) no payload, e.g. Hello: the least of the last few is the rtt."""
+        self.hello_ms.append(max(0.0, ms))
+        self.prior_rtt_ms = min(self.hello_ms)
+        if self.samples:
+            self._fit()
+
+    def predict(self, frame_bytes: float) -> float:
+        return self.rtt_ms + frame_bytes * self.ms_per_byte
+
+    def _fit(self) -> None:
+        # recency-weighted least squares of ms on bytes; while the frames are about one size (the same
+        # plan) the line goes through (0 bytes, prior rtt) instead and the frames give only the slope
+        pts = []
+        w = 1.0
+        for b, t in reversed(self.samples):
+            pts.append((b, t, w))
+            w *= self.decay
+        sw = sum(p[2] for p in pts)
+        mb = sum(b * w for b, _, w in pts) / sw
+        if sum(w * (b - mb) ** 2 for b, _, w in pts) / sw < (0.1 * mb) ** 2:
+            pts.append((0.0, self.prior_rtt_ms, 0.1))
+            sw += 0.1
+            mb = sum(b * w for b, _, w in pts) / sw
+        mt = sum(t * w for _, t, w in pts) / sw
+        sbb = sum(w * (b - mb) ** 2 for b, _, w in pts)
+        sbt = sum(w * (b - mb) * (t - mt) for b, t, w in pts)
+        slope = max(sbt / sbb if sbb > 0 else 0.0, 8.0 / 1e8)  # at most 100 Gbit/s
+        rtt = mt - slope * mb
+        if rtt < 0:  # through the origin instead
+            rtt = 0.0
+            sb2 = sum(w * b * b for b, _, w in pts)
+            slope = max(sum(w * b * t for b, t, w in pts) / sb2 if sb2 > 0 else slope, 8.0 / 1e8)
+        self.rtt_ms, self.ms_per_byte = rtt, slope
+
+
+class CloudEstimate:
+    """The cloud's server time for a frame: overhead (decode, queue, text, score) + speed * tail compute,
+    where tail compute is what stages[k:L] + head take on this device (speed 1 = as fast as here)."""
+
+    def __init__(self, speed: float = 1.0, overhead_ms: float = 2.0, alpha: float = 0.2) -> None:
+        self.speed = speed  # the conservative prior: the cloud no faster than this device
+        self.overhead_ms = overhead_ms
+        self.alpha = alpha
+        self.seen = 0
+
+    def observe(self, cloud_compute_ms: float, timings: Mapping[str, float]) -> None:
+        total = float(timings.get("total", 0.0))
+        if total <= 0:
+            return
+        tail = max(0.0, float(timings.get("tail", 0.0)) - float(timings.get("queue", 0.0)))
+        a = 1.0 if self.seen == 0 else self.alpha  # the first answer replaces the prior
+        if cloud_compute_ms > 0.05 and tail > 0:
+            self.speed = math.exp((1 - a) * math.log(self.speed) + a * math.log(tail / cloud_compute_ms))
+        self.overhead_ms = (1 - a) * self.overhead_ms + a * max(0.0, total - tail)
+        self.seen += 1
+
+    def predict(self, c: Candidate) -> float:
+        decode = c.decode_ms if self.seen == 0 else 0.0  # once seen, the overhead has the cloud's decode
+        return self.overhead_ms + decode + self.speed * c.cloud_compute_ms
+
+
+class AutoPlanner:
+    """Chooses a plan per frame (`choose`) and learns from each answered frame (`observe`)."""
+
+    def __init__(
+        self,
+        plans: Sequence[Candidate],
+        policy: Policy,
+        link: LinkEstimate | None = None,
+        cloud: CloudEstimate | None = None,
+    ) -> None:
+        if not plans:
+            raise ValueError("no plans to choose from")
+        self.plans = list(plans)
+        self.policy = policy
+        self.link = link or LinkEstimate()
+        self.cloud = cloud or CloudEstimate()
+        self.overhead_bytes = 0.0  # frame bytes beyond the payload (ids, prompts): learnt from frames
+        self.current = self.best()
+        self.switches = 0
+        self._streak = 0
+        self._explore_every = policy.explore_every
+        # the cloud's speed is a guess until one frame was answered: the first frame goes remote
+        self._local_frames = self._explore_every - 1
+        self._fresh = False  # the next answer is the first after a stretch of local answers
+
+    def predict(self, c: Candidate) -> float:
+        if c.is_local:
+            return c.edge_ms
+        return c.edge_ms + self.link.predict(c.payload_bytes + self.overhead_bytes) + self.cloud.predict(c)
+
+    def ranked(self) -> list[tuple[float, Candidate]]:
+        """Every plan with its predicted latency, fastest first."""
+        return sorted(((self.predict(c), c) for c in self.plans), key=lambda x: (x[0], x[1].payload_bytes))
+
+    def best(self) -> Candidate:
+        ranked = self.ranked()
+        if self.policy.objective == "bytes":
+            fits = [c for ms, c in ranked if ms <= self.policy.latency_budget_ms]
+            if fits:
+                return min(fits, key=lambda c: c.payload_bytes)
+        return ranked[0][1]
+
+    def _better(self, new: Candidate, old: Candidate) -> bool:
+        m = self.policy.margin
+        new_ms, old_ms = self.predict(new), self.predict(old)
+        if self.policy.objective == "bytes" and old_ms <= self.policy.latency_budget_ms * (1 + m):
+            return new_ms <= self.policy.latency_budget_ms and new.payload_bytes < (1 - m) * old.payload_bytes
+        if self.policy.objective == "bytes" and new_ms <= self.policy.latency_budget_ms:
+            return True  # the current plan is over its budget and this one is within it
+        return new_ms < (1 - m) * old_ms
+
+    def choose(self) -> Candidate:
+        """The plan of the next frame (call once per frame)."""
+        best = self.best()
+        if best != self.current and self._better(best, self.current):
+            self._streak += 1
+            if self._streak >= self.policy.patience:
+                self._switch(best)
+        else:
+            self._streak = 0
+        if self.current.is_local:
+            self._local_frames += 1
+            if self._local_frames >= self._explore_every:
+                # one real frame to learn about the link and the cloud (a cut < L, so the cloud computes)
+                remote = [c for _, c in self.ranked() if not c.is_local and c.cloud_compute_ms > 0]
+                if remote:
+                    self._fresh = True
+                    self._local_frames = 0
+                    self._explore_every = min(2 * self._explore_every, self.policy.explore_max)
+                    return remote[0]
+        return self.current
+
+    def _switch(self, to: Candidate) -> None:
+        log.info(
+            "plan %s -> %s (predicted %.1f -> %.1f ms; link %.3g Mbit/s, rtt %.1f ms; cloud %.2fx this device)",
+            self.current.label,
+            to.label,
+            self.predict(self.current),
+            self.predict(to),
+            self.link.mbps,
+            self.link.rtt_ms,
+            self.cloud.speed,
+        )
+        self.current = to
+        self.switches += 1
+        self._streak = 0
+        if not to.is_local:
+            self._explore_every = self.policy.explore_every
+
+    def observe(
+        self,
+        cut: int,
+        payload_bytes: float,
+        frame_bytes: float,
+        wall_ms: float,
+        timings: Mapping[str, float],
+    ) -> None:
+        """One frame answered by the cloud: `wall_ms` from send to answer, `timings` the cloud's."""
+        server = float(timings.get("total", 0.0))
+        self.link.observe(frame_bytes, wall_ms - server, fresh=self._fresh)
+        self._fresh = False
+        self.overhead_bytes = 0.8 * self.overhead_bytes + 0.2 * max(0.0, frame_bytes - payload_bytes)
+        plan = next((c for c in self.plans if c.cut == cut), None)
+        if plan is not None:
+            self.cloud.observe(plan.cloud_compute_ms, timings)
+
+    def observe_rtt(self, ms: float) -> None:
+        """A Hello's round trip (the heartbeat the node sends anyway)."""
+        self.link.observe_rtt(ms)
+
+    def forbid_cut(self, cut: int) -> None:
+        """Drop every plan at `cut` (e.g. the cloud refuses cut-0 frames)."""
+        self.plans = [c for c in self.plans if c.cut != cut] or [c for c in self.plans if c.is_local]
+        if self.current.cut == cut:
+            self.current = self.best()
+
+
+class NodePlans:
+    """The node's source of plans: one fixed plan, or an AutoPlanner behind a lock (stream threads
+    observe while the caller chooses)."""
+
+    def __init__(self, fixed: Candidate | None = None, auto: AutoPlanner | None = None) -> None:
+        if (fixed is None) == (auto is None):
+            raise ValueError("expected a fixed plan or an AutoPlanner")
+        self.fixed = fixed
+        self.auto = auto
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def for_node(bundle: Bundle, runtime: BundleRuntime, s: EdgeSettings) -> NodePlans:
+        """The planner of a node with `--cut auto`: this device's profile (cached) and the bundle's table."""
+        from edge_node.profile import load_or_measure
+
+        policy = Policy(
+            min_agreement=s.min_agreement,
+            allow_image_upload=s.allow_image_upload,
+            objective=s.objective,
+            latency_budget_ms=s.latency_budget_ms,
+            margin=s.plan_margin,
+            patience=s.plan_patience,
+        )
+        table = bundle.agreement()
+        if table is not None:
+            presets = [r.preset for r in table.allowed(policy.min_agreement) if r.edge == "fp32"]
+        elif policy.min_agreement > 0:
+            presets = [p.name for p in codec.PRESETS.values() if p.lossless]
+        else:
+            presets = list(codec.PRESETS)
+        prof = load_or_measure(bundle, runtime, presets, cache_dir=s.cache_dir)
+        auto = AutoPlanner(candidates(prof, table, policy), policy)
+        log.info(
+            "auto plan over %d plans (floor %g%s): starting with %s",
+            len(auto.plans),
+            policy.min_agreement,
+            "" if policy.allow_image_upload else ", no image upload",
+            auto.current.label,
+        )
+        return NodePlans(auto=auto)
+
+    def next(self) -> Candidate:
+        if self.auto is None:
+            assert self.fixed is not None
+            return self.fixed
+        with self._lock:
+            return self.auto.choose()
+
+    def answered(
+        self, cut: int, payload_bytes: int, frame_bytes: int, wall_ms: float, timings: Mapping[str, float]
+    ) -> None:
+        if self.auto is not None:
+            with self._lock:
+                self.auto.observe(cut, payload_bytes, frame_bytes, wall_ms, timings)
+
+    def hello_rtt(self, ms: float) -> None:
+        if self.auto is not None:
+            with self._lock:
+                self.auto.observe_rtt(ms)
+
+    def forbid_cut(self, cut: int) -> bool:
+        """Stop choosing `cut`; False for a fixed plan (the node must handle it)."""
+        if self.auto is None:
+            return False
+        with self._lock:
+            self.auto.forbid_cut(cut)
+        return True
+
+
+class TimedHello:
+    """A cloud client whose Hello round trips (the heartbeat the node sends anyway) feed the planner's rtt."""
+
+    def __init__(self, client: Any, on_rtt: Callable[[float], None]) -> None:
+        self._client = client
+        self._on_rtt = on_rtt
+
+    def hello(self, request: Any, timeout: float) -> Any:
+        t0 = time.perf_counter()
+        resp = self._client.hello(request, timeout)  # a failed Hello raises: no sample
+        self._on_rtt((time.perf_counter() - t0) * 1e3)
+        return resp
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
