@@ -123,11 +123,14 @@ class Pipeline:
             frame.payload, cut=frame.cut, spec=self.spec, calibration=self.calibration, limits=self.limits
         )
 
-    async def image_embedding(self, decoded: codec.Decoded) -> Embedding:
-        """The normalised image embedding [embed_dim] of a decoded frame (splitclip.tower's `finish`)."""
+    async def image_embedding(self, decoded: codec.Decoded, started: list[float] | None = None) -> Embedding:
+        """The normalised image embedding [embed_dim] of a decoded frame (splitclip.tower's `finish`).
+        `started` gets the perf_counter time its tail call started (the frame's queueing ends there)."""
         if decoded.kind == "embedding":  # cut L: finishing is only normalising, no tail call needed
             return unit(decoded.array)
-        return await self.tail_calls.submit((decoded.cut, decoded.array))
+        return await self.tail_calls.submit(
+            (decoded.cut, decoded.array, started if started is not None else [])
+        )
 
     async def text_embeddings(self, r: Resolved) -> Embedding:
         """[n_labels * n_templates, embed_dim]."""
@@ -151,10 +154,15 @@ class Pipeline:
         )
 
     # -- groups of frames to the tail and the scorer ------------------------------------------
-    async def _tail_group(self, items: list[tuple[int, np.ndarray]]) -> list[Embedding | BaseException]:
+    async def _tail_group(
+        self, items: list[tuple[int, np.ndarray, list[float]]]
+    ) -> list[Embedding | BaseException]:
         self.metrics.batch_hist[len(items)] += 1  # frames per tail call (the tail records ORT batches)
+        now = time.perf_counter()
+        for _, _, started in items:
+            started.append(now)
         # each array [tokens, width] (or uint8 [S, S, 3] at cut 0)
-        return await self.backends.embed_many([cut for cut, _ in items], [a for _, a in items])
+        return await self.backends.embed_many([cut for cut, _, _ in items], [a for _, a, _ in items])
 
     async def _score_group(
         self, items: list[tuple[Embedding, str, Embedding, int, int]]
@@ -176,8 +184,9 @@ class Pipeline:
             t = time.perf_counter()
             return await aw, time.perf_counter() - t
 
+        started: list[float] = []
         (img, t_tail), (txt, t_text) = await asyncio.gather(
-            timed(self.image_embedding(decoded)), timed(self.text_embeddings(prompts))
+            timed(self.image_embedding(decoded, started)), timed(self.text_embeddings(prompts))
         )
         t_sc = time.perf_counter()
         probs, top = await self.score(img, prompts, txt, frame.top_k or DEFAULT_TOP_K)
@@ -188,6 +197,8 @@ class Pipeline:
             "text": t_text * 1e3,
             "score": (t_end - t_sc) * 1e3,
             "total": (t_end - t0) * 1e3,
+            # waited for the tail call to start (part of "tail"); 0 at cut L, which needs no tail call
+            "queue": (started[0] - t_dec) * 1e3 if started else 0.0,
         }
         for stage, ms in timings.items():
             self.metrics.stage(stage, ms)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,8 +45,29 @@ def build_parser(c: argparse.ArgumentParser) -> None:
     )
     c.add_argument("--bundle", type=Path, help="bundle directory [SPLITCLIP_BUNDLE, bundles/demo]")
     c.add_argument("--cloud", metavar="HOST:PORT", help="cloud gRPC address [SPLITCLIP_CLOUD]; none = local")
-    c.add_argument("--cut", type=int, metavar="K", help="split after K vision blocks [SPLITCLIP_CUT]")
-    c.add_argument("--codec", metavar="PRESET", help="codec preset [SPLITCLIP_CODEC, int8-zstd]")
+    c.add_argument(
+        "--cut",
+        type=_cut,
+        metavar="K|auto",
+        help="split after K vision blocks, or auto: the node chooses per frame [SPLITCLIP_CUT, auto with a cloud]",
+    )
+    c.add_argument(
+        "--codec", metavar="PRESET", help="codec preset of a fixed cut [SPLITCLIP_CODEC, int8-zstd]"
+    )
+    c.add_argument(
+        "--objective",
+        choices=("latency", "bytes"),
+        help="auto: fastest plan, or fewest bytes within --latency-budget [SPLITCLIP_OBJECTIVE, latency]",
+    )
+    c.add_argument(
+        "--latency-budget", type=float, metavar="MS", help="auto, bytes: [SPLITCLIP_LATENCY_BUDGET_MS]"
+    )
+    c.add_argument(
+        "--min-agreement",
+        type=float,
+        metavar="F",
+        help="auto: agreement floor [SPLITCLIP_MIN_AGREEMENT, 0.99]",
+    )
     c.add_argument("--top-k", type=int, help="labels per result [SPLITCLIP_TOP_K, 5]")
     c.add_argument(
         "--deadline", type=float, metavar="S", help="per-frame deadline [SPLITCLIP_FRAME_DEADLINE_S]"
@@ -54,6 +76,15 @@ def build_parser(c: argparse.ArgumentParser) -> None:
     c.add_argument("--node-id", help="node id [SPLITCLIP_NODE_ID]")
     c.add_argument("--out", type=Path, metavar="results.jsonl", help="write one JSON result per line")
     c.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+
+
+def _cut(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a block count K or auto, got {text!r}") from None
 
 
 def expand_paths(paths: Sequence[Path]) -> list[Path]:
@@ -92,12 +123,22 @@ def run(args: argparse.Namespace) -> int:
     images = expand_paths(args.paths)
     if not images:
         raise UsageError("no images found in the given paths")
+    cut = args.cut
+    if (
+        cut is None
+        and not os.environ.get("SPLITCLIP_CUT")
+        and (args.cloud or os.environ.get("SPLITCLIP_CLOUD"))
+    ):
+        cut = "auto"  # with a cloud the command chooses the plan unless told a cut
     try:
         settings = EdgeSettings.from_env(
             bundle=args.bundle,
             cloud=args.cloud,
-            cut=args.cut,
+            cut=cut,
             codec=args.codec,
+            objective=args.objective,
+            latency_budget_ms=args.latency_budget,
+            min_agreement=args.min_agreement,
             top_k=args.top_k,
             frame_deadline_s=args.deadline,
             window=args.window,

@@ -8,6 +8,8 @@ Threads: the caller runs the edge stages and sends (or answers locally while the
 the stream's threads deliver results and losses; one local worker re-runs lost frames; the health
 thread (edge_node/health.py) heartbeats while the breaker is closed and probes while it is open.
 What a failure means (reason, breaker action) is edge_node/reasons.py's one mapping.
+Each frame's plan (local, or cut + preset) is fixed, or chosen per frame by edge_node/autoplan.py
+(cut "auto"), which learns from every answered frame and from the Hellos' round trips.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
 
+from edge_node.autoplan import PLANNED_LOCAL, Candidate, NodePlans, TimedHello
 from edge_node.breaker import CircuitBreaker
 from edge_node.client import CloudClient, FrameStream, Lost
 from edge_node.health import CloudHealth, log_breaker_change
@@ -76,23 +79,25 @@ class EdgeNode:
         m = self.bundle.manifest
         self.bundle_id = m.bundle_id
         self.num_blocks = m.num_blocks
-        self.cut = s.cut if s.cut is not None else m.num_blocks // 2
+        self.cut = s.cut if s.cut is not None else m.num_blocks // 2  # of a fixed plan
         if not 0 <= self.cut <= self.num_blocks:
             raise SettingsError(f"cut must be in 0..{self.num_blocks}, got {self.cut}")
-        if self.cut == 0 and s.cloud and not s.allow_image_upload:
+        if self.cut == 0 and s.cloud and not s.allow_image_upload and not s.auto:
             raise SettingsError(
                 "cut 0 sends the image itself, which SPLITCLIP_ALLOW_IMAGE_UPLOAD=0 forbids: pick a cut >= 1"
             )
         self.preset = codec.get_preset(s.codec)
         self.spec = codec.TensorSpec.from_manifest(m)
-        self.calibration = None
-        if self.preset.needs_calibration:
+        self.calibration = self.bundle.calibration() if s.auto else None
+        if self.preset.needs_calibration and not s.auto:
             if not self.bundle.has("calibration.npz"):
                 raise SettingsError(
                     f"codec {self.preset.name} needs calibration.npz, which this bundle lacks"
                 )
             self.calibration = codec.Calibration.load(self.bundle.path("calibration.npz"))
         self.engine = LocalEngine(BundleRuntime(self.bundle), PromptCache(m.bundle_id))
+        fixed = NodePlans(fixed=Candidate(self.cut, self.preset.name, 0.0, 0.0, 0.0, 0.0))
+        self.plans = NodePlans.for_node(self.bundle, self.engine.rt, s) if s.auto else fixed
         self.stats = NodeStats()
         self._stats_lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -112,8 +117,9 @@ class EdgeNode:
         self._pixels_refused: str | None = None  # the cloud said it takes no cut-0 frames: the reason
         if s.cloud:
             self.client = CloudClient(s)
+            hellos = TimedHello(self.client, self.plans.hello_rtt) if s.auto else self.client
             self.health = CloudHealth(
-                self.client,
+                cast(CloudClient, hellos),
                 self.breaker,
                 s,
                 bundle_id=self.bundle_id,
@@ -152,6 +158,7 @@ class EdgeNode:
         frame = self._prepare_frame(t, image)
         if frame is None:
             return sink.get()
+        t.sent_at = time.perf_counter()
         try:
             res = client.classify(frame, self.settings.frame_deadline_s)
         except grpc.RpcError as e:
@@ -236,6 +243,7 @@ class EdgeNode:
         if frame is None:
             return
         stream = self._current_stream()
+        t.sent_at = time.perf_counter()
         if stream is None:  # the breaker opened meanwhile
             t.bytes_sent = 0
             self._rerun_locally(t, self._local_reason())
@@ -244,15 +252,20 @@ class EdgeNode:
             self._on_stream_lost(t, stream.failure or Lost("stream closed"))
 
     def _prepare_frame(self, t: Ticket, image: ImageLike) -> pb.Frame | None:
-        """Edge stages + codec for split mode; on a bad image the ticket is answered with an error."""
+        """Its plan's edge stages + codec; None when answered here instead (a local plan, a bad image)."""
+        plan = self.plans.next()
+        if plan.cut is None:
+            self._answer_locally(t, image, PLANNED_LOCAL)
+            return None
+        t.cut, t.codec = plan.cut, plan.preset
         try:
-            t.prepared = self.engine.prepare(image, self.cut)
+            t.prepared = self.engine.prepare(image, plan.cut)
             t0 = time.perf_counter()
             payload = codec.encode(
                 t.prepared.wire,
-                cut=self.cut,
+                cut=plan.cut,
                 spec=self.spec,
-                preset=self.preset,
+                preset=codec.get_preset(plan.preset),
                 calibration=self.calibration,
             )
             t.prepared.timings_ms["encode"] = (time.perf_counter() - t0) * 1e3
@@ -260,17 +273,19 @@ class EdgeNode:
             self._deliver(t, t.error_result(e))
             return None
         t.bytes_sent = len(payload)
-        return pb.Frame(
+        frame = pb.Frame(
             node_id=self.settings.node_id,
             frame_id=t.frame_id,
             bundle_id=self.bundle_id,
-            cut=self.cut,
-            codec=self.preset.name,
+            cut=plan.cut,
+            codec=plan.preset,
             payload=payload,
             prompts=t.prompts.labels,
             templates=t.prompts.templates,
             top_k=self.settings.top_k,
         )
+        t.frame_bytes = frame.ByteSize()
+        return frame
 
     def _current_stream(self) -> FrameStream[Ticket] | None:
         with self._stream_lock:
@@ -304,7 +319,10 @@ class EdgeNode:
             self._lost(t, result_outcome(res.error))
             return
         self.breaker.record_success()
-        self._deliver(t, t.split_result(res, cut=self.cut, codec=self.preset.name))
+        assert t.cut is not None and t.codec is not None  # set with the frame
+        wall_ms = (time.perf_counter() - t.sent_at) * 1e3
+        self.plans.answered(t.cut, t.bytes_sent, t.frame_bytes, wall_ms, dict(res.timings_ms))
+        self._deliver(t, t.split_result(res, cut=t.cut, codec=t.codec))
 
     def _on_stream_lost(self, t: Ticket, lost: Lost) -> None:
         o = outcome(lost.code, lost.why, where=Where.STREAM, kind=lost.kind)
@@ -315,9 +333,15 @@ class EdgeNode:
 
     def _lost(self, t: Ticket, o: Outcome) -> None:
         """The cloud did not answer this frame: tell the breaker what `o` means, answer locally."""
+        if base(o.reason) == Reason.DEADLINE and t.cut is not None:  # took at least this long
+            self.plans.answered(
+                t.cut, t.bytes_sent, t.frame_bytes, (time.perf_counter() - t.sent_at) * 1e3, {}
+            )
         if base(o.reason) == Reason.IMAGE_UPLOAD_REFUSED:
-            # the cloud is fine but will refuse every cut-0 frame: stay local for good, no probing
-            self._pixels_refused = o.reason
+            # the cloud is fine but will refuse every cut-0 frame: a planner stops choosing cut 0, a
+            # fixed cut-0 node stays local for good, no probing
+            if not self.plans.forbid_cut(0):
+                self._pixels_refused = o.reason
         elif o.breaker is Breaker.TRIP:
             self.breaker.trip(o.reason)
         elif o.breaker is Breaker.FAILURE:
@@ -363,7 +387,7 @@ class EdgeNode:
 
     def _local_result(self, t: Ticket, image_emb: np.ndarray, reason: str) -> EdgeResult:
         probs = self.engine.score(image_emb, t.prompts)  # [n_labels]
-        return t.local_result(probs, reason, k=self.settings.top_k, cut=self.cut, codec=self.preset.name)
+        return t.local_result(probs, reason, k=self.settings.top_k, cut=t.cut, codec=t.codec)
 
     def _deliver(self, t: Ticket, r: EdgeResult) -> None:
         if not t.claim():

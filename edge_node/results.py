@@ -25,6 +25,7 @@ class EdgeResult:
     latency_ms: float = 0.0  # from the start of preprocessing to the answer
     cut: int | None = None
     codec: str | None = None
+    plan: str | None = None  # the plan that answered it: "local" or "cut<k>/<preset>" (None: an error)
     error: str | None = None  # set only when mode could not produce an answer (reason == error)
     timings_ms: dict[str, float] = field(default_factory=dict)  # edge and cloud stage times
 

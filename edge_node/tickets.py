@@ -51,7 +51,11 @@ class Ticket:
         self.sink = sink
         self.t0 = time.perf_counter()
         self.prepared: Prepared | None = None
-        self.bytes_sent = 0
+        self.bytes_sent = 0  # payload bytes
+        self.frame_bytes = 0  # the whole serialised Frame
+        self.sent_at = 0.0  # perf_counter when it was handed to the stream / unary call
+        self.cut: int | None = None  # the plan it was sent with
+        self.codec: str | None = None
         self._claimed = False
         self._lock = threading.Lock()
 
@@ -89,10 +93,13 @@ class Ticket:
             latency_ms=self.elapsed_ms(),
             cut=cut,
             codec=codec,
+            plan=f"cut{cut}/{codec}",
             timings_ms=timings,
         )
 
-    def local_result(self, probs: np.ndarray, reason: str, *, k: int, cut: int, codec: str) -> EdgeResult:
+    def local_result(
+        self, probs: np.ndarray, reason: str, *, k: int, cut: int | None, codec: str | None
+    ) -> EdgeResult:
         """`probs` [n_labels] computed here; `cut` and `codec` are kept only if the frame was sent."""
         best = top_k(probs[None], k)[0]
         return EdgeResult(
@@ -107,6 +114,7 @@ class Ticket:
             latency_ms=self.elapsed_ms(),
             cut=cut if self.bytes_sent else None,
             codec=codec if self.bytes_sent else None,
+            plan="local",
             timings_ms=self._timings(),
         )
 

@@ -1,16 +1,20 @@
-"""edge_node/autoplan.py on synthetic profiles: the optimum, the floor, privacy, no flapping, switch latency."""
+"""edge_node/autoplan.py on synthetic profiles (the optimum, the floor, privacy, no flapping, switch latency), and in a node."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edge_node.autoplan import AutoPlanner, Candidate, CloudEstimate, LinkEstimate, Policy, candidates
+from edge_node.node import EdgeNode
 from edge_node.planner import StageProfile
 from edge_node.profile import CodecCost, EdgeProfile
 from splitclip.agreement import AgreementRow, AgreementTable
+from tests.edge.conftest import PROMPTS
+from tests.edge.refcloud import RefCloud
 
 L = 12
 KLT = "klt-q20-ans"
@@ -268,3 +272,59 @@ def test_cut_auto_is_a_setting_and_a_number_keeps_a_fixed_cut() -> None:
         EdgeSettings.from_env({"SPLITCLIP_OBJECTIVE": "bytes"})
     with pytest.raises(SettingsError, match="min_agreement"):
         EdgeSettings.from_env({"SPLITCLIP_MIN_AGREEMENT": "99"})
+
+
+# -- in the node, against the reference cloud ---------------------------------------------------
+FAST = {"probe_interval_s": 0.2, "probe_max_s": 0.5, "hello_timeout_s": 3.0}
+
+
+def test_an_auto_node_records_the_plan_of_every_result(bundle: Path, images, tmp_path: Path) -> None:
+    cloud = RefCloud(bundle)
+    cloud.start()
+    try:
+        with EdgeNode(
+            bundle, cloud=f"127.0.0.1:{cloud.port}", cut="auto", cache_dir=tmp_path, **FAST
+        ) as node:
+            assert node.plans.auto is not None
+            tab = node.bundle.agreement()
+            allowed = {"lossless"} if tab is None else {r.preset for r in tab.allowed(0.99)}
+            assert {c.preset for c in node.plans.auto.plans if not c.is_local} <= allowed
+            assert node.plans.auto.link.hello_ms  # the start-up Hello's round trip is an rtt sample
+            results = sorted(node.classify_many(images, PROMPTS), key=lambda r: r.frame_id)
+    finally:
+        cloud.stop()
+    assert results[0].mode == "split" and results[0].reason == "cloud"  # the first frame teaches the planner
+    for r in results:
+        assert r.ok and r.plan is not None
+        if r.mode == "split":
+            assert r.plan == f"cut{r.cut}/{r.codec}" and r.codec in allowed
+        else:
+            assert (r.plan, r.reason) == ("local", "planned")
+    assert list((tmp_path / "profiles").glob("*.json"))  # the profile is cached for the next start
+
+
+def test_an_auto_node_drops_cut_0_when_the_cloud_refuses_pixels(bundle: Path, images, tmp_path: Path) -> None:
+    rc = RefCloud(bundle, allow_image_upload=False)
+    rc.start()
+    try:
+        with EdgeNode(bundle, cloud=f"127.0.0.1:{rc.port}", cut="auto", cache_dir=tmp_path, **FAST) as node:
+            auto = node.plans.auto
+            assert auto is not None
+            auto.current = next(c for c in auto.plans if c.cut == 0)  # as if cut 0 had looked best
+            auto.policy = Policy(patience=10_000)  # and keep it until the cloud says no
+            first = node.classify(images[0], PROMPTS)
+            rest = list(node.classify_many(images[1:5], PROMPTS))
+            assert node.mode == "split"  # the cloud is fine: only cut 0 is off
+        assert first.mode == "local" and first.reason.startswith("image_upload_refused")
+        assert all(c.cut != 0 for c in auto.plans)
+        assert all(r.ok and not (r.plan or "").startswith("cut0/") for r in rest)
+        assert rc.frames + rc.classify_calls >= 1
+    finally:
+        rc.stop()
+
+
+def test_a_private_auto_node_never_sends_pixels(bundle: Path, tmp_path: Path) -> None:
+    with EdgeNode(
+        bundle, cloud="127.0.0.1:9", cut="auto", allow_image_upload=False, cache_dir=tmp_path
+    ) as node:
+        assert node.plans.auto is not None and all(c.cut != 0 for c in node.plans.auto.plans)

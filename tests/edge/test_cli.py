@@ -27,6 +27,7 @@ def test_classify_local_only_writes_jsonl_and_a_table(bundle: Path, images, tmp_
         len(rows) == 3
         and {r["mode"] for r in rows} == {"local"}
         and {r["reason"] for r in rows} == {"no_cloud"}
+        and {r["plan"] for r in rows} == {"local"}  # the plan that answered it
     )
     assert all(r["labels"][0] in ("red circle", "blue square", "a photo of a cat") for r in rows)
     np.testing.assert_allclose([sum(r["probabilities"]) for r in rows], 1.0, atol=1e-5)
