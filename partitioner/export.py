@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from partitioner.agreement import DEFAULT_IMAGES, LABELS_FILE, write_agreement
 from partitioner.calibrate import images_in, write_calibration
 from splitclip.bundle import Manifest, block_file, load_bundle, write_manifest
 from splitclip.errors import SplitclipError
@@ -134,21 +135,33 @@ def partition(
     *,
     calibration_images: int = 64,
     calibration_dir: str | Path | None = None,
+    agreement_images: int = 0,
+    agreement_labels: str | Path | None = None,
     progress: bool = True,
 ) -> Manifest:
     """Export the bundle into `out` (replaced atomically); return its manifest. The codec calibration is
     fitted on up to `calibration_images` images from `calibration_dir`, else on that many synthetic
-    shapes (0 = no calibration.npz)."""
+    shapes (0 = no calibration.npz). The agreement table (agreement.json, see partitioner.agreement) is
+    measured on `agreement_images` other images (0, the default here = none;
+    `splitclip partition` measures DEFAULT_IMAGES), zero-shot over `agreement_labels` (default:
+    labels.txt in the checkpoint directory when there is one), else by retrieval."""
     import torch
     from tqdm import tqdm
 
     from partitioner.checkpoint import load_clip
+    from splitclip.classify import read_labels
 
     out = Path(out)
     _check_out(out)
     cal_images = images_in(Path(calibration_dir), calibration_images) if calibration_dir else None
     torch.manual_seed(0)
     model, path = load_clip(source)
+    labels_path = Path(agreement_labels) if agreement_labels else path / LABELS_FILE
+    labels = (
+        read_labels(labels_path)
+        if agreement_images > 0 and (agreement_labels or labels_path.is_file())
+        else None
+    )
     vc, tc = model.config.vision_config, model.config.text_config
     if calibration_images > 0 and cal_images is None and not (path / "training.json").is_file():
         log.warning(
@@ -201,7 +214,17 @@ def partition(
             },
             "extra": {"source": str(source), "opset": OPSET},
         }
-        manifest = write_manifest(tmp, fields)
+        if agreement_images > 0:  # measured on the bundle itself, so it needs a manifest; then re-sealed
+            write_manifest(tmp, fields)
+            write_agreement(
+                tmp,
+                n_images=agreement_images,
+                labels=labels,
+                image_dir=Path(calibration_dir) if calibration_dir else None,
+                skip=len(cal_images) if cal_images is not None else 0,
+                progress=progress,
+            )
+        manifest = write_manifest(tmp, fields)  # covers agreement.json: its sha256 is in the bundle id
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -241,6 +264,20 @@ def build_parser(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="how many calibration images to use (default 64; 0 = no calibration.npz, no lossy presets)",
     )
+    p.add_argument(
+        "--agreement-images",
+        type=int,
+        default=DEFAULT_IMAGES,
+        metavar="N",
+        help=f"measure every (cut, preset) against the unsplit model on N images not used for calibration "
+        f"and store the table as agreement.json (default {DEFAULT_IMAGES}; 0 = no table)",
+    )
+    p.add_argument(
+        "--agreement-labels",
+        metavar="FILE",
+        help=f"labels (one prompt per line) whose zero-shot top-1 the table measures (default: {LABELS_FILE} "
+        "in the checkpoint directory when present, else nearest-neighbour retrieval among the images)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -251,6 +288,8 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         calibration_images=args.calibration_count,
         calibration_dir=args.calibration_images,
+        agreement_images=args.agreement_images,
+        agreement_labels=args.agreement_labels,
         progress=not args.quiet,
     )
     load_bundle(args.out)  # verify what we wrote

@@ -35,7 +35,7 @@ def tiny_bundle_dir(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactor
     from partitioner.export import partition
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    partition(tiny_clip_dir, out, calibration_images=16, progress=False)
+    partition(tiny_clip_dir, out, calibration_images=16, agreement_images=64, progress=False)
     return out
 
 
@@ -48,10 +48,11 @@ def demo_clip_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_bundle_dir(demo_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from partitioner.agreement import DEFAULT_IMAGES
     from partitioner.export import partition
 
     out = tmp_path_factory.mktemp("bundles") / "demo"
-    partition(demo_clip_dir, out, progress=False)
+    partition(demo_clip_dir, out, agreement_images=DEFAULT_IMAGES, progress=False)  # as `splitclip partition`
     return out
 
 
