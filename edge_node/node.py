@@ -27,11 +27,12 @@ from typing import Any, cast
 import grpc
 import numpy as np
 
-from edge_node.autoplan import PLANNED_LOCAL, Candidate, NodePlans, TimedHello
+from edge_node.autoplan import PLANNED_LOCAL, Candidate
 from edge_node.breaker import CircuitBreaker
 from edge_node.client import CloudClient, FrameStream, Lost
 from edge_node.health import CloudHealth, log_breaker_change
 from edge_node.local import LocalEngine, PromptCache
+from edge_node.plans import NodePlans, TimedHello
 from edge_node.reasons import (
     Breaker,
     Outcome,
