@@ -145,3 +145,18 @@ def test_the_demo_checkpoint_carries_its_labels() -> None:
     """partition reads labels.txt beside the checkpoint: the 48 demo prompts, as in models/demo-labels.txt."""
     models = Path(__file__).resolve().parents[2] / "models"
     assert (models / "demo-clip" / "labels.txt").read_text() == (models / "demo-labels.txt").read_text()
+
+
+def test_the_same_checkpoint_gives_the_same_bundle_id_with_a_table(
+    tiny_clip_dir: Path, tmp_path: Path
+) -> None:
+    """The table is part of the id, so it must not carry float noise (cosines are rounded)."""
+    from partitioner.export import partition
+
+    ids = [
+        partition(
+            tiny_clip_dir, tmp_path / f"b{i}", calibration_images=8, agreement_images=16, progress=False
+        ).bundle_id
+        for i in range(2)
+    ]
+    assert ids[0] == ids[1]
