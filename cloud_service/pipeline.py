@@ -298,7 +298,7 @@ class Pipeline:
             message=message,
             num_blocks=self.num_blocks,
             heartbeat_interval_s=self.s.heartbeat_interval_s,
-            codecs=list(codec.PRESETS),
+            codecs=list(codec.ALL_PRESETS),
         )
 
     # -- for tests and the benchmark --------------------------------------------------------

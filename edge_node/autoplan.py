@@ -101,7 +101,7 @@ def candidates(
 
 
 def _lossless(name: str) -> bool:
-    p = codec.PRESETS.get(name)
+    p = codec.ALL_PRESETS.get(name)
     return p is not None and p.lossless
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from edge_node.node import EdgeNode
-    from edge_node.settings import EdgeSettings
+    from edge_node.settings import EdgeSettings, command_cut
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     prompts = args.prompts or read_labels(args.labels)  # a missing or empty file is a UsageError
@@ -123,13 +122,7 @@ def run(args: argparse.Namespace) -> int:
     images = expand_paths(args.paths)
     if not images:
         raise UsageError("no images found in the given paths")
-    cut = args.cut
-    if (
-        cut is None
-        and not os.environ.get("SPLITCLIP_CUT")
-        and (args.cloud or os.environ.get("SPLITCLIP_CLOUD"))
-    ):
-        cut = "auto"  # with a cloud the command chooses the plan unless told a cut
+    cut = command_cut(args.cut, args.cloud)
     try:
         settings = EdgeSettings.from_env(
             bundle=args.bundle,

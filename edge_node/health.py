@@ -77,7 +77,7 @@ class CloudHealth:
         req = pb.HelloRequest(
             node_id=self.settings.node_id,
             bundle_id=self.bundle_id,
-            codecs=list(codec.PRESETS),
+            codecs=list(codec.ALL_PRESETS),
             cuts=list(range(self.num_blocks + 1)),
             version=VERSION,
             mode="split" if self.breaker.allow() else "local",

@@ -47,7 +47,7 @@ class NodePlans:
         if table is not None:
             presets = [r.preset for r in table.allowed(policy.min_agreement) if r.edge == "fp32"]
         elif policy.min_agreement > 0:
-            presets = [p.name for p in codec.PRESETS.values() if p.lossless]
+            presets = [p.name for p in codec.ALL_PRESETS.values() if p.lossless]
         else:
             presets = list(codec.PRESETS)
         prof = load_or_measure(bundle, runtime, presets, cache_dir=s.cache_dir)

@@ -124,7 +124,7 @@ def usable_presets(bundle: Bundle, presets: Iterable[str]) -> list[str]:
     has_cal = bundle.has("calibration.npz")
     out = []
     for name in dict.fromkeys(presets):
-        p = codec.PRESETS.get(name)
+        p = codec.ALL_PRESETS.get(name)
         if p is not None and (has_cal or not p.needs_calibration):
             out.append(name)
     return out
@@ -162,7 +162,11 @@ def load_or_measure(
     if cached and not missing:
         return prof
     codecs = dict(prof.codecs)
-    for c in frame_costs(rt, bundle, images, missing):
+    images_only = [p for p in missing if p in codec.IMAGE_PRESETS]  # image presets apply at cut 0 only
+    every_cut = [p for p in missing if p not in codec.IMAGE_PRESETS]
+    measured = frame_costs(rt, bundle, images, every_cut) if every_cut else []
+    measured += frame_costs(rt, bundle, images, images_only, cuts=[0]) if images_only else []
+    for c in measured:
         codecs[c.cut, c.preset] = CodecCost(c.encode_ms, c.decode_ms, float(c.payload_bytes))
     prof = EdgeProfile(bundle_id, device, prof.stages, codecs, measured_s=time.perf_counter() - t0)
     try:

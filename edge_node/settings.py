@@ -46,6 +46,19 @@ from splitclip import settings as loader
 from splitclip.settings import SettingsError
 
 AUTO = "auto"  # SPLITCLIP_CUT / --cut value of the online planner (the same as leaving it unset)
+
+
+def command_cut(
+    cut: int | str | None, cloud: str | None, env: Mapping[str, str] | None = None
+) -> int | str | None:
+    """The cut a command runs: the one it was given, else auto when a cloud is configured (the commands'
+    default; the Python API keeps L // 2 unless asked for auto), else None."""
+    env = os.environ if env is None else env
+    if cut is None and not env.get("SPLITCLIP_CUT") and (cloud or env.get("SPLITCLIP_CLOUD")):
+        return AUTO
+    return cut
+
+
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "demo"  # built by `make demo`
 
 

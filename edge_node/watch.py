@@ -75,7 +75,7 @@ def build_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edge_node.node import EdgeNode
-    from edge_node.settings import EdgeSettings
+    from edge_node.settings import EdgeSettings, command_cut
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     prompts = args.prompts or read_labels(args.labels)
@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with EdgeNode(settings=EdgeSettings.from_env(bundle=args.bundle, cloud=args.cloud)) as node:
+    settings = EdgeSettings.from_env(bundle=args.bundle, cloud=args.cloud, cut=command_cut(None, args.cloud))
+    with EdgeNode(settings=settings) as node:
         log.info(
             "watching %s: bundle %s, mode %s (%s)", args.inbox, node.bundle_id, node.mode, node.mode_reason
         )

@@ -61,3 +61,18 @@ def test_the_cache_is_per_device(monkeypatch) -> None:
     assert a != b and a.parent == Path("/c/profiles")
     monkeypatch.setenv("SPLITCLIP_CACHE_DIR", "/elsewhere")
     assert profile.cache_file(None, "bid", "d").parent == Path("/elsewhere/profiles")
+
+
+def test_image_presets_are_profiled_at_cut_0_only_and_reach_the_planner(bundle: Path, tmp_path: Path) -> None:
+    """png / webp-lossless are real cut-0 choices: measured there (they are a CodecError anywhere else) and
+    kept by the planner when the bundle's table says they clear the floor."""
+    from edge_node.autoplan import Policy, candidates
+
+    b = load_bundle(bundle)
+    rt = BundleRuntime(b)
+    p = load_or_measure(b, rt, ["png", "webp-lossless", "int8-zstd"], cache_dir=tmp_path, repeats=1)
+    assert {k for k, name in p.codecs if name in ("png", "webp-lossless")} == {0}
+    assert {k for k, name in p.codecs if name == "int8-zstd"} == set(range(rt.num_blocks + 1))
+    plans = {(c.cut, c.preset) for c in candidates(p, None, Policy(min_agreement=0.99), say=lambda _: None)}
+    assert {(0, "png"), (0, "webp-lossless")} <= plans  # lossless: >= any floor without a table
+    assert (1, "int8-zstd") not in plans  # lossy and no table: not known to clear the floor
