@@ -8,6 +8,10 @@ fp32 tower on the same images:
                  the other every-cut presets send the same bytes as `jpeg420-q90` there: no rows of their own
     0 < k < L    every every-cut preset (the PCA / KLT ones only when the bundle has a calibration)
     k = L        `lossless` (fp32) and `fp16`: every other preset sends the embedding as fp16
+    int8 edge    with int8 edge stages (partitioner.quantize) every one of those plans at cut >= 1 again,
+                 the edge's tensor from the int8 stages (rows with edge="int8"), finished by the fp32 ones;
+                 computed one image at a time as on the edge: the dynamic quantisation's activation scale
+                 is per tensor, so a batch of images would share one scale and get other numbers
 
 What "top-1" means (AgreementTable.measure says which was used):
     labels given     zero-shot top-1 over the labels (one prompt per line, used verbatim): the split
@@ -51,6 +55,11 @@ def plans(num_blocks: int, calibrated: bool) -> list[tuple[int, str]]:
     for k in range(1, num_blocks):
         out += [(k, n) for n, p in PRESETS.items() if calibrated or not p.needs_calibration]
     return [*out, (num_blocks, "lossless"), (num_blocks, "fp16")]
+
+
+def int8_plans(num_blocks: int, calibrated: bool) -> list[tuple[int, str]]:
+    """Every (cut, preset) measured again with int8 edge stages: those of `plans` at cut >= 1."""
+    return [(k, name) for k, name in plans(num_blocks, calibrated) if k >= 1]
 
 
 def synthetic_measurement_images(n: int, image_size: int, seed: int = SEED) -> list[NDArray[np.uint8]]:
@@ -129,6 +138,7 @@ def measure(
 
     rt = BundleRuntime(bundle)
     m, tower = rt.manifest, Tower(rt)
+    towers = {"fp32": tower, **({"int8": Tower(rt, edge="int8")} if rt.has_int8 else {})}
     L, dim = m.vision.num_blocks, m.embed_dim
     spec, cal = TensorSpec.from_manifest(m), rt.bundle.calibration()
     crops = tower.model_input(list(images))  # uint8 [n, H, W, 3]
@@ -151,17 +161,20 @@ def measure(
             return _nearest_other(emb, ref)
 
     rows: list[AgreementRow] = []
-    jobs = plans(L, cal is not None)
-    at_cut: dict[int, list[np.ndarray]] = {}
+    jobs = [(k, name, "fp32") for k, name in plans(L, cal is not None)]
+    if "int8" in towers:
+        jobs += [(k, name, "int8") for k, name in int8_plans(L, cal is not None)]
+    at_cut: dict[tuple[int, str], list[np.ndarray]] = {}
     bar = tqdm(jobs, desc="measuring agreement", unit="plan", disable=not progress)
-    for cut, name in bar:
-        bar.set_postfix_str(f"cut {cut} {name}")
-        if cut not in at_cut:
-            at_cut.clear()  # one cut's tensors at a time: jobs come in cut order
-            at_cut[cut] = [
-                x for s in range(0, n, BATCH) for x in tower.at_cut(crops[s : s + BATCH], cut)
+    for cut, name, edge in bar:
+        bar.set_postfix_str(f"cut {cut} {name}{' int8' if edge == 'int8' else ''}")
+        if (cut, edge) not in at_cut:
+            at_cut.clear()  # one cut's tensors at a time: jobs come in (edge, cut) order
+            step = BATCH if edge == "fp32" else 1  # int8: batch 1, as the edge runs it (see above)
+            at_cut[cut, edge] = [
+                x for s in range(0, n, step) for x in towers[edge].at_cut(crops[s : s + step], cut)
             ]  # n tensors at cut k: uint8 [H, W, 3] / float32 [tokens, width] / float32 [embed_dim]
-        payloads = [encode(x, cut=cut, spec=spec, preset=name, calibration=cal) for x in at_cut[cut]]
+        payloads = [encode(x, cut=cut, spec=spec, preset=name, calibration=cal) for x in at_cut[cut, edge]]
         decoded = [decode(p, cut=cut, spec=spec, calibration=cal).array for p in payloads]
         emb = _finish(tower, decoded, cut, dim)  # [n, embed_dim], unit norm
         rows.append(
@@ -173,6 +186,7 @@ def measure(
                 # with the BLAS kernel and thread count (agreement and bytes are exact: counts over n)
                 cosine=round(float(np.mean(np.sum(emb * ref, -1) / np.linalg.norm(emb, axis=-1))), 6),
                 bytes=round(float(np.mean([len(p) for p in payloads])), 3),
+                edge=edge,
             )
         )
     desc = f"; images: {images_desc}" if images_desc else ""

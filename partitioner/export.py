@@ -137,6 +137,7 @@ def partition(
     calibration_dir: str | Path | None = None,
     agreement_images: int = 0,
     agreement_labels: str | Path | None = None,
+    edge_int8: bool = False,
     progress: bool = True,
 ) -> Manifest:
     """Export the bundle into `out` (replaced atomically); return its manifest. The codec calibration is
@@ -144,7 +145,8 @@ def partition(
     shapes (0 = no calibration.npz). The agreement table (agreement.json, see partitioner.agreement) is
     measured on `agreement_images` other images (0, the default here = none;
     `splitclip partition` measures DEFAULT_IMAGES), zero-shot over `agreement_labels` (default:
-    labels.txt in the checkpoint directory when there is one), else by retrieval."""
+    labels.txt in the checkpoint directory when there is one), else by retrieval. `edge_int8`: also write
+    int8 versions of the blocks (vision/int8/, partitioner.quantize), measured in the table too."""
     import torch
     from tqdm import tqdm
 
@@ -189,6 +191,10 @@ def partition(
                 _export(module, ids, tmp / name, dyn_tokens=False)
             else:
                 _export(module, hidden, tmp / name, dyn_tokens=True)
+        if edge_int8:
+            from partitioner.quantize import write_int8_stages
+
+            write_int8_stages(tmp, int(vc.num_hidden_layers))
         shutil.copy(path / "tokenizer.json", tmp / "tokenizer.json")
         hf_pre = json.loads((path / "preprocessor_config.json").read_text())
         (tmp / "preprocess.json").write_text(PreprocessConfig.from_hf(hf_pre).to_json())
@@ -278,6 +284,12 @@ def build_parser(p: argparse.ArgumentParser) -> None:
         help=f"labels (one prompt per line) whose zero-shot top-1 the table measures (default: {LABELS_FILE} "
         "in the checkpoint directory when present, else nearest-neighbour retrieval among the images)",
     )
+    p.add_argument(
+        "--edge-int8",
+        action="store_true",
+        help="also write int8 versions of the encoder blocks (vision/int8/, onnxruntime dynamic quantisation) "
+        "for the edge, and measure their agreement; the cloud always runs fp32",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -290,13 +302,15 @@ def run(args: argparse.Namespace) -> int:
         calibration_dir=args.calibration_images,
         agreement_images=args.agreement_images,
         agreement_labels=args.agreement_labels,
+        edge_int8=args.edge_int8,
         progress=not args.quiet,
     )
     load_bundle(args.out)  # verify what we wrote
     v = m.vision
     print(
         f"bundle {m.bundle_id} -> {args.out}: {v.num_blocks} blocks, width {v.width}, {v.num_tokens} tokens, "
-        f"embed {m.embed_dim}, cuts 0..{v.num_blocks} ({time.perf_counter() - t0:.1f} s)"
+        f"embed {m.embed_dim}, cuts 0..{v.num_blocks}{', int8 edge blocks' if m.has_int8 else ''} "
+        f"({time.perf_counter() - t0:.1f} s)"
     )
     return 0
 

@@ -6,6 +6,8 @@ A bundle directory looks like this (names are relative to it):
     vision/embed.onnx        pixels [batch, 3, H, W] -> hidden [batch, tokens, width]  (patchify + pos + pre-LN)
     vision/block_00.onnx     hidden -> hidden, one per encoder block (dynamic batch and token axes)
     vision/head.onnx         hidden -> normalised image embedding [batch, embed_dim]  (post-LN on CLS + proj)
+    vision/int8/block_00.onnx  optional (`splitclip partition --edge-int8`): the block with int8 weights and
+                             dynamically quantised activations, for the edge only (see partitioner.quantize)
     text.onnx                int32 ids [batch, context] -> normalised text embedding [batch, embed_dim]
     tokenizer.json           Hugging Face tokenizers file
     preprocess.json          resize / crop / mean / std (see splitclip.preprocess)
@@ -80,6 +82,26 @@ class Manifest:
         blocks = [block_file(i) for i in range(self.vision.num_blocks)]
         return ["vision/embed.onnx", *blocks, "vision/head.onnx"]
 
+    def int8_files(self) -> list[str]:
+        """The int8 edge stages this bundle lists (empty: it has none), in stage order."""
+        return [f for f in map(int8_file, self.stage_files()) if f in self.files]
+
+    @property
+    def has_int8(self) -> bool:
+        return bool(self.int8_files())
+
+    def stage_file(self, name: str, edge: str = "fp32") -> str:
+        """The file that runs stage `name` (a `stage_files()` entry) for `edge` stages: with "int8", its int8
+        version where the bundle has one (stages without one, e.g. the embed, run fp32)."""
+        if edge == "fp32":
+            return name
+        if edge != "int8":
+            raise BundleError(f"edge stages must be 'fp32' or 'int8', got {edge!r}")
+        if not self.has_int8:
+            raise BundleError("this bundle has no int8 edge stages: partition it with --edge-int8")
+        q = int8_file(name)
+        return q if q in self.files else name
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
@@ -104,6 +126,14 @@ class Manifest:
 
 def block_file(i: int) -> str:
     return f"vision/block_{i:02d}.onnx"
+
+
+INT8_DIR = "vision/int8"
+
+
+def int8_file(name: str) -> str:
+    """Where the int8 version of stage `name` lives: vision/block_00.onnx -> vision/int8/block_00.onnx."""
+    return f"{INT8_DIR}/{name.rsplit('/', 1)[-1]}"
 
 
 def sha256_file(path: Path) -> str:
@@ -245,6 +275,12 @@ def load_bundle(root: str | Path, *, verify: bool = True) -> Bundle:
         raise BundleError(
             f"manifest of {root} does not list required files: {', '.join(missing_in_manifest)}"
         )
+    int8 = manifest.int8_files()
+    missing_int8 = [
+        int8_file(block_file(i)) for i in range(manifest.num_blocks) if int8_file(block_file(i)) not in int8
+    ]
+    if int8 and missing_int8:
+        raise BundleError(f"manifest of {root} lists int8 edge stages but not {', '.join(missing_int8)}")
     if verify:
         for name, digest in sorted(manifest.files.items()):
             p = root / name

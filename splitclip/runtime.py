@@ -1,7 +1,8 @@
 """Inference over a bundle with ONNX Runtime only (used by the edge, its offline fallback and the cloud).
 
 One ORT session per stage, created lazily; what a cut means lives in splitclip.tower, prompts in
-splitclip.prompts.
+splitclip.prompts. The vision stages take `edge="int8"` to run a bundle's int8 edge stages instead
+(`Manifest.stage_file`: the int8 file where there is one, else the fp32 one).
 """
 
 from __future__ import annotations
@@ -93,8 +94,9 @@ class BundleRuntime:
         s, input_name = self._entry(name)
         return s.run(None, {input_name: x})[0]
 
-    def warmup(self, text: bool = True) -> None:
-        for name in self.manifest.stage_files():
+    def warmup(self, text: bool = True, int8: bool = False) -> None:
+        """Create the sessions now: every fp32 stage, text.onnx if `text`, the int8 stages if `int8`."""
+        for name in [*self.manifest.stage_files(), *(self.manifest.int8_files() if int8 else [])]:
             self.session(name)
         if text:
             self.session("text.onnx")
@@ -108,16 +110,26 @@ class BundleRuntime:
     def num_blocks(self) -> int:
         return self.manifest.vision.num_blocks
 
-    def embed(self, pixels: NDArray[np.float32]) -> NDArray[np.float32]:
-        return self._run("vision/embed.onnx", pixels)  # [batch, tokens, width]
+    @property
+    def has_int8(self) -> bool:
+        return self.manifest.has_int8
 
-    def run_blocks(self, hidden: NDArray[np.float32], start: int, stop: int) -> NDArray[np.float32]:
+    def embed(self, pixels: NDArray[np.float32], edge: str = "fp32") -> NDArray[np.float32]:
+        return self._run(
+            self.manifest.stage_file("vision/embed.onnx", edge), pixels
+        )  # [batch, tokens, width]
+
+    def run_blocks(
+        self, hidden: NDArray[np.float32], start: int, stop: int, edge: str = "fp32"
+    ) -> NDArray[np.float32]:
         for i in range(start, stop):
-            hidden = self._run(block_file(i), hidden)  # [batch, tokens, width]
+            hidden = self._run(
+                self.manifest.stage_file(block_file(i), edge), hidden
+            )  # [batch, tokens, width]
         return hidden
 
-    def head(self, hidden: NDArray[np.float32]) -> NDArray[np.float32]:
-        return self._run("vision/head.onnx", hidden)  # [batch, embed_dim], L2-normalised
+    def head(self, hidden: NDArray[np.float32], edge: str = "fp32") -> NDArray[np.float32]:
+        return self._run(self.manifest.stage_file("vision/head.onnx", edge), hidden)  # [batch, embed_dim]
 
     # -- text side --------------------------------------------------------------------------
     @cached_property

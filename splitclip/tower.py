@@ -5,6 +5,8 @@ For a bundle with L blocks, the tensor at cut k (what the edge sends, what the c
     0 < k < L  the hidden state after embed + blocks[0:k], float32 [batch, tokens, width]
     k = L      the normalised image embedding, float32 [batch, embed_dim]
 `at_cut(images, k)` computes it on one side; `finish(x, k)` turns it into the embedding on the other.
+`Tower(runtime, edge="int8")` computes `at_cut` with the bundle's int8 edge stages (same shapes and
+dtypes, other numbers); `finish` always runs the fp32 stages, as the cloud does.
 """
 
 from __future__ import annotations
@@ -25,9 +27,17 @@ def unit(x: np.ndarray) -> NDArray[np.float32]:
     return e / np.linalg.norm(e, axis=-1, keepdims=True)
 
 
+EDGES = ("fp32", "int8")  # which edge stages `at_cut` runs
+
+
 class Tower:
-    def __init__(self, runtime: BundleRuntime) -> None:
+    def __init__(self, runtime: BundleRuntime, edge: str = "fp32") -> None:
+        if edge not in EDGES:
+            raise ValueError(f"edge stages must be one of {', '.join(EDGES)}, got {edge!r}")
+        if edge == "int8" and not runtime.has_int8:
+            raise ValueError("this bundle has no int8 edge stages: partition it with --edge-int8")
         self.rt = runtime
+        self.edge = edge
         self.cfg = runtime.preprocess_config
         self.num_blocks = runtime.num_blocks
 
@@ -41,16 +51,16 @@ class Tower:
         return np.stack([to_model_input(im, self.cfg) for im in batch])
 
     def hidden(self, pixels: NDArray[np.uint8], k: int) -> NDArray[np.float32]:
-        """uint8 [batch, H, W, 3] -> embed + blocks[0:k]: float32 [batch, tokens, width]."""
-        return self.rt.run_blocks(self.rt.embed(normalize(pixels, self.cfg)), 0, k)
+        """uint8 [batch, H, W, 3] -> embed + blocks[0:k] (this tower's edge stages): float32 [batch, tokens, width]."""
+        return self.rt.run_blocks(self.rt.embed(normalize(pixels, self.cfg), self.edge), 0, k, self.edge)
 
     def at_cut(self, pixels: NDArray[np.uint8], k: int) -> np.ndarray:
-        """uint8 [batch, H, W, 3] -> the tensor at cut k (see the module docstring)."""
+        """uint8 [batch, H, W, 3] -> the tensor at cut k (see the module docstring), by this tower's edge stages."""
         self.check_cut(k)
         if k == 0:
             return pixels
         hidden = self.hidden(pixels, k)  # [batch, tokens, width]
-        return self.rt.head(hidden) if k == self.num_blocks else hidden
+        return self.rt.head(hidden, self.edge) if k == self.num_blocks else hidden
 
     def finish(self, x: np.ndarray, k: int) -> NDArray[np.float32]:
         """The tensor at cut k -> normalised image embeddings [batch, embed_dim]."""

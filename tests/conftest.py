@@ -40,6 +40,16 @@ def tiny_bundle_dir(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="session")
+def tiny_int8_bundle_dir(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle with int8 edge stages (`--edge-int8`) and their agreement rows."""
+    from partitioner.export import partition
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-int8"
+    partition(tiny_clip_dir, out, calibration_images=16, agreement_images=64, edge_int8=True, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def demo_clip_dir() -> Path:
     if not (DEMO_MODEL / "config.json").exists():
         pytest.fail(f"the demo checkpoint is missing from {DEMO_MODEL}: run `splitclip train-demo`")
