@@ -3,7 +3,7 @@
 Pure: numbers in, a plan out (no gRPC, no ONNX Runtime), so it is tested on synthetic profiles.
 
     predicted(local)     = preprocess + the whole tower                  (the profile)
-    predicted(k, preset) = preprocess + edge stages[0:k] + encode       (the profile)
+    predicted(k, preset) = preprocess + edge stages[0:k] + encode       (the profile; fp32 or int8 stages)
                            + rtt + frame bytes * 8 / bandwidth          (LinkEstimate)
                            + cloud decode + tail + queue + text + score (CloudEstimate)
 
@@ -45,6 +45,7 @@ class Candidate:
     cloud_compute_ms: float  # stages[k:L] + head at this device's speed (the cloud's speed is learnt)
     decode_ms: float  # this device's decode time: the prior of the cloud's
     agreement: float | None = None  # measured, when the bundle says
+    edge: str = "fp32"  # which edge stages compute the tensor at the cut (the cloud always runs fp32)
 
     @property
     def is_local(self) -> bool:
@@ -52,7 +53,13 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        return "local" if self.cut is None else f"cut{self.cut}/{self.preset}"
+        if self.cut is None:
+            return "local"
+        return (
+            f"cut{self.cut}/{self.preset}"
+            if self.edge == "fp32"
+            else f"cut{self.cut}/{self.edge}/{self.preset}"
+        )
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,9 @@ def candidates(
     *,
     say: Callable[[str], None] = log.info,
 ) -> list[Candidate]:
-    """ "local" and every (cut, preset) the floor and the privacy setting allow, with its costs."""
+    """ "local" and every (cut, preset) the floor and the privacy setting allow, with its costs; with int8
+    edge stages profiled, also every (cut >= 1, preset, int8) whose own measured row clears the floor
+    (never without a table: int8 stages are not lossless)."""
     st = profile.stages
     L = profile.num_blocks
     out = [Candidate(None, "", 0.0, st.edge_ms(-1), 0.0, 0.0, 1.0)]
@@ -83,20 +92,25 @@ def candidates(
             f"bundle {profile.bundle_id} has no agreement table: only lossless presets count as "
             f">= the agreement floor {policy.min_agreement:g}"
         )
-    for (k, name), cost in sorted(profile.codecs.items()):
-        if not 0 <= k <= L or (k == 0 and not policy.allow_image_upload):
-            continue
-        agreement: float | None = None
-        payload = cost.payload_bytes
-        if table is not None:
-            row = table.get(k, name)
-            if row is None or row.agreement < policy.min_agreement:
+    edges = ["fp32", *(["int8"] if profile.int8 is not None and table is not None else [])]
+    for edge in edges:
+        est = profile.edge_stages(edge)
+        assert est is not None
+        for (k, name), cost in sorted(profile.codecs.items()):
+            if not 0 <= k <= L or (k == 0 and not policy.allow_image_upload) or (k == 0 and edge != "fp32"):
                 continue
-            agreement, payload = row.agreement, row.bytes
-        elif policy.min_agreement > 0 and not _lossless(name):
-            continue
-        edge = st.edge_ms(k) + cost.encode_ms
-        out.append(Candidate(k, name, payload, edge, st.cloud_ms(k), cost.decode_ms, agreement))
+            agreement: float | None = None
+            payload = cost.payload_bytes
+            if table is not None:
+                row = table.get(k, name, edge)
+                if row is None or row.agreement < policy.min_agreement:
+                    continue
+                agreement, payload = row.agreement, row.bytes
+            elif policy.min_agreement > 0 and not _lossless(name):
+                continue
+            edge_ms = est.edge_ms(k) + cost.encode_ms
+            # the cloud's share is stages[k:L] + head in fp32 whichever stages the edge ran
+            out.append(Candidate(k, name, payload, edge_ms, st.cloud_ms(k), cost.decode_ms, agreement, edge))
     return out
 
 

@@ -1,6 +1,7 @@
 """Edge-side compute: the first k stages for split mode, and full local inference when the cloud is away.
 
-`prepare` runs preprocess + stages[0:k] and keeps what a local finish needs, so a frame that comes
+`prepare` runs preprocess + stages[0:k] (fp32, or the bundle's int8 edge stages for an int8 plan; full
+local inference is always fp32) and keeps what a local finish needs, so a frame that comes
 back from a failed send is finished locally from where it stopped (same numbers as running every
 stage again, since the stages are deterministic). Prompt embeddings are cached per prompt list:
 filled from the cloud's EncodeText when it is reachable, else by text.onnx on the edge.
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
+from edge_node.results import EdgeResult
 from splitclip.preprocess import ImageLike
 from splitclip.prompts import PromptSet, average_templates, zero_shot_probs
 from splitclip.runtime import BundleRuntime
@@ -31,6 +33,14 @@ class Prepared:
     cut: int
     wire: np.ndarray  # cut 0: uint8 [H, W, 3]; 0<k<L: float32 [tokens, width]; L: float32 [embed_dim]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    edge: str = "fp32"  # the edge stages that computed `wire`
+
+    def label(self, r: EdgeResult) -> EdgeResult:
+        """`r` (a split answer to this frame) with the plan naming int8 edge stages: cut2/int8/klt-q20-ans."""
+        if self.edge != "fp32" and r.plan is not None and r.plan.startswith("cut"):
+            cut, _, preset = r.plan.partition("/")
+            r.plan = f"{cut}/{self.edge}/{preset}"
+        return r
 
 
 class PromptCache:
@@ -83,21 +93,29 @@ class LocalEngine:
     def __init__(self, runtime: BundleRuntime, prompt_cache: PromptCache) -> None:
         self.rt = runtime
         self.tower = Tower(runtime)
+        self.towers = {
+            "fp32": self.tower,
+            **({"int8": Tower(runtime, edge="int8")} if runtime.has_int8 else {}),
+        }
         self.prompts = prompt_cache
         self.num_blocks = runtime.num_blocks
-        runtime.warmup()  # create every ORT session now: creation is not thread-safe, runs are
+        # create every ORT session now: creation is not thread-safe, runs are
+        runtime.warmup(int8=runtime.has_int8)
 
-    def prepare(self, image: ImageLike, cut: int) -> Prepared:
-        """Preprocess and compute the tensor at `cut` (splitclip.tower)."""
+    def prepare(self, image: ImageLike, cut: int, edge: str = "fp32") -> Prepared:
+        """Preprocess and compute the tensor at `cut` (splitclip.tower) with the `edge` stages."""
         self.tower.check_cut(cut)
+        tower = self.towers.get(edge)
+        if tower is None:
+            raise ValueError(f"this bundle has no {edge} edge stages")
         t0 = time.perf_counter()
         img = self.tower.model_input(image)  # uint8 [1, H, W, 3]
         t1 = time.perf_counter()
         timings = {"preprocess": (t1 - t0) * 1e3}
-        wire = self.tower.at_cut(img, cut)[0]
+        wire = tower.at_cut(img, cut)[0]
         if cut > 0:
             timings["edge_stages"] = (time.perf_counter() - t1) * 1e3
-        return Prepared(cut, wire, timings)
+        return Prepared(cut, wire, timings, edge)
 
     def finish(self, p: Prepared) -> NDArray[np.float32]:
         """The rest of the image tower, locally: normalised embedding [embed_dim]."""

@@ -45,7 +45,7 @@ class NodePlans:
         )
         table = bundle.agreement()
         if table is not None:
-            presets = [r.preset for r in table.allowed(policy.min_agreement) if r.edge == "fp32"]
+            presets = list(dict.fromkeys(r.preset for r in table.allowed(policy.min_agreement)))
         elif policy.min_agreement > 0:
             presets = [p.name for p in codec.ALL_PRESETS.values() if p.lossless]
         else:
@@ -53,8 +53,9 @@ class NodePlans:
         prof = load_or_measure(bundle, runtime, presets, cache_dir=s.cache_dir)
         auto = AutoPlanner(candidates(prof, table, policy), policy)
         log.info(
-            "auto plan over %d plans (floor %g%s): starting with %s",
+            "auto plan over %d plans (%d with int8 edge stages; floor %g%s): starting with %s",
             len(auto.plans),
+            sum(c.edge == "int8" for c in auto.plans),
             policy.min_agreement,
             "" if policy.allow_image_upload else ", no image upload",
             auto.current.label,

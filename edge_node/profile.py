@@ -1,7 +1,7 @@
 """The node's start-up profile: its own stage times and codec costs per (cut, preset), cached per bundle and device.
 
-Stage times (preprocess, normalise, embed, every block, head) and each preset's encode/decode time and
-payload bytes at every cut are measured here with edge_node/planner.py's timers (medians of a few
+Stage times (preprocess, normalise, embed, every block, head; and the int8 edge stages when the bundle
+has them) and each preset's encode/decode time and payload bytes at every cut are measured here with edge_node/planner.py's timers (medians of a few
 repeats on deterministic synthetic images), then written to a JSON file under SPLITCLIP_CACHE_DIR
 (default ~/.cache/splitclip) named by the bundle id and a digest of the device (hostname, CPU model,
 ORT threads), so a restart reads it back instead of measuring again. Presets asked for later that the
@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_node.planner import StageProfile, frame_costs, profile_stages
+from edge_node.planner import StageProfile, _median_ms, frame_costs, profile_stages
 from splitclip import codec
 from splitclip.bundle import Bundle
+from splitclip.preprocess import normalize, to_model_input
 from splitclip.runtime import BundleRuntime
 
 log = logging.getLogger("splitclip.edge")
@@ -49,6 +50,11 @@ class EdgeProfile:
     stages: StageProfile
     codecs: dict[tuple[int, str], CodecCost] = field(default_factory=dict)
     measured_s: float = 0.0  # how long measuring took (0 when read from the cache)
+    int8: StageProfile | None = None  # the int8 edge stages' times (stages without one: the fp32 time)
+
+    def edge_stages(self, edge: str) -> StageProfile | None:
+        """The stage times of `edge` ("fp32" or "int8") stages; None when not profiled."""
+        return self.stages if edge == "fp32" else self.int8 if edge == "int8" else None
 
     @property
     def num_blocks(self) -> int:
@@ -64,6 +70,7 @@ class EdgeProfile:
                 "preprocess_ms": s.preprocess_ms,
                 "normalize_ms": s.normalize_ms,
                 "stage_ms": s.stage_ms,
+                **({"int8_stage_ms": self.int8.stage_ms} if self.int8 is not None else {}),
             },
             "codecs": [{"cut": k, "preset": p, **c.__dict__} for (k, p), c in sorted(self.codecs.items())],
         }
@@ -84,7 +91,9 @@ class EdgeProfile:
             )
             for r in d["codecs"]
         }
-        return EdgeProfile(str(d["bundle_id"]), str(d["device"]), stages, codecs)
+        int8 = st.get("int8_stage_ms")
+        q = StageProfile(stages.preprocess_ms, stages.normalize_ms, tuple(map(float, int8))) if int8 else None
+        return EdgeProfile(str(d["bundle_id"]), str(d["device"]), stages, codecs, int8=q)
 
 
 def device_key() -> str:
@@ -117,6 +126,20 @@ def sample_images(n: int = 3, size: int = 256) -> list[np.ndarray]:
         b = yy * (1 - xx)
         out.append((np.stack([r, 0.6 * g + 0.2, b], -1) * 255).astype(np.uint8))
     return out
+
+
+def profile_int8_stages(
+    rt: BundleRuntime, fp32: StageProfile, image: np.ndarray, repeats: int
+) -> StageProfile:
+    """The int8 edge stages' times (batch 1); preprocess and normalise are the fp32 profile's."""
+    cfg = rt.preprocess_config
+    pixels = normalize(to_model_input(image, cfg)[None], cfg)  # [1, 3, H, W]
+    hidden = rt.embed(pixels)  # [1, tokens, width]
+    stage = [_median_ms(lambda: rt.embed(pixels, "int8"), repeats)]
+    for i in range(rt.num_blocks):
+        stage.append(_median_ms(lambda i=i: rt.run_blocks(hidden, i, i + 1, "int8"), repeats))
+    stage.append(_median_ms(lambda: rt.head(hidden, "int8"), repeats))
+    return StageProfile(fp32.preprocess_ms, fp32.normalize_ms, tuple(stage))
 
 
 def usable_presets(bundle: Bundle, presets: Iterable[str]) -> list[str]:
@@ -157,9 +180,12 @@ def load_or_measure(
     images = sample_images()
     if prof is None:
         prof = EdgeProfile(bundle_id, device, profile_stages(rt, images[0], repeats))
+    int8 = prof.int8
+    if int8 is None and rt.has_int8:
+        int8 = profile_int8_stages(rt, prof.stages, images[0], repeats)
     have = {p for _, p in prof.codecs}
     missing = [p for p in wanted if p not in have]
-    if cached and not missing:
+    if cached and not missing and int8 is prof.int8:
         return prof
     codecs = dict(prof.codecs)
     images_only = [p for p in missing if p in codec.IMAGE_PRESETS]  # image presets apply at cut 0 only
@@ -168,7 +194,7 @@ def load_or_measure(
     measured += frame_costs(rt, bundle, images, images_only, cuts=[0]) if images_only else []
     for c in measured:
         codecs[c.cut, c.preset] = CodecCost(c.encode_ms, c.decode_ms, float(c.payload_bytes))
-    prof = EdgeProfile(bundle_id, device, prof.stages, codecs, measured_s=time.perf_counter() - t0)
+    prof = EdgeProfile(bundle_id, device, prof.stages, codecs, measured_s=time.perf_counter() - t0, int8=int8)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
