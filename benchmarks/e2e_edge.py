@@ -1,0 +1,120 @@
+"""The edge side of `splitclip bench e2e`: a worker process that runs EdgeNodes on command and reports each frame.
+
+Run by benchmarks/e2e.py (under a CPU quota, benchmarks/weak_device.py) as
+`python -m benchmarks.e2e_edge --bundle B --cloud ADDR --images DIR --labels FILE`. It reads one JSON
+command per line on stdin and answers one JSON line on stdout (logs go to stderr):
+
+    {"op": "open", "plan": "local" | "auto" | "cut<k>/<preset>"}   a node for that plan (auto: a fresh one)
+    {"op": "frame", "plan": P, "image": i}                          one frame of image i on that node
+    {"op": "quit"}
+
+Frames run one at a time (one in flight, over the node's bidi stream), so a frame's latency is its own.
+At start it answers every image with full local inference: that top-1 is the unsplit model's (the
+bundle's stages equal it to 1e-4), against which each frame's top-1 is counted as agreeing or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EDGE_KEYS = ("preprocess", "edge_stages", "encode")
+
+
+def parse_plan(plan: str) -> tuple[int, str]:
+    cut, _, preset = plan.partition("/")
+    return int(cut.removeprefix("cut")), preset
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.e2e_edge")
+    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--cloud", required=True)
+    ap.add_argument("--images", required=True, type=Path)
+    ap.add_argument("--labels", required=True, type=Path)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="edge %(levelname)s %(message)s")
+
+    from edge_node.node import EdgeNode
+    from splitclip.bundle import load_bundle
+
+    bundle = load_bundle(a.bundle)
+    labels = [s.strip() for s in a.labels.read_text().splitlines() if s.strip()]
+    images = sorted(a.images.glob("*.png"))
+    # preload the files: a frame's cost is the device's decoding and compute, not this disk
+    blobs = [p.read_bytes() for p in images]
+    import io
+
+    from PIL import Image
+
+    def image(i: int) -> Any:
+        return Image.open(io.BytesIO(blobs[i % len(blobs)]))
+
+    t0 = time.perf_counter()
+    ref_node = EdgeNode(bundle)
+    reference = [ref_node.classify(image(i), labels).top_label for i in range(len(blobs))]
+    ref_node.close()
+    nodes: dict[str, EdgeNode] = {}
+    say({"op": "ready", "images": len(blobs), "reference_s": time.perf_counter() - t0})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        if op == "quit":
+            break
+        plan = cmd["plan"]
+        if op == "open":
+            t1 = time.perf_counter()
+            old = nodes.pop(plan, None)
+            if old is not None:
+                old.close()
+            if plan == "local":
+                node = EdgeNode(bundle)
+            elif plan == "auto":
+                node = EdgeNode(bundle, cloud=a.cloud, cut="auto")
+            else:
+                k, preset = parse_plan(plan)
+                node = EdgeNode(bundle, cloud=a.cloud, cut=k, codec=preset)
+            nodes[plan] = node
+            if plan != "local":  # the prompt embeddings: warmed once, as a node does on first use
+                node.prompt_embeddings(labels)
+            say({"op": "opened", "plan": plan, "s": time.perf_counter() - t1})
+        elif op == "frame":
+            i = int(cmd["image"])
+            r = next(iter(nodes[plan].classify_many([image(i)], labels, sources=[str(i)])))
+            t = r.timings_ms
+            edge = sum(t.get(k, 0.0) for k in EDGE_KEYS)
+            cloud = t.get("cloud_total", 0.0)
+            say(
+                {
+                    "op": "frame",
+                    "plan": r.plan,
+                    "mode": r.mode,
+                    "reason": r.reason,
+                    "latency_ms": r.latency_ms,
+                    "bytes": r.bytes_sent,
+                    "agree": r.top_label == reference[i % len(reference)],
+                    "edge_ms": edge if r.mode == "split" else r.latency_ms,
+                    "cloud_ms": cloud,
+                    "transfer_ms": max(0.0, r.latency_ms - edge - cloud) if r.mode == "split" else 0.0,
+                    "error": r.error,
+                }
+            )
+        else:
+            raise SystemExit(f"unknown op {op!r}")
+    for node in nodes.values():
+        node.close()
+    return 0
+
+
+def say(msg: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(msg) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
