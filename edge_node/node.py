@@ -91,11 +91,11 @@ class EdgeNode:
         self.spec = codec.TensorSpec.from_manifest(m)
         self.calibration = self.bundle.calibration() if s.auto else None
         if self.preset.needs_calibration and not s.auto:
-            if not self.bundle.has("calibration.npz"):
+            self.calibration = self.bundle.calibration()
+            if self.calibration is None:
                 raise SettingsError(
                     f"codec {self.preset.name} needs calibration.npz, which this bundle lacks"
                 )
-            self.calibration = codec.Calibration.load(self.bundle.path("calibration.npz"))
         self.engine = LocalEngine(BundleRuntime(self.bundle), PromptCache(m.bundle_id))
         fixed = NodePlans(fixed=Candidate(self.cut, self.preset.name, 0.0, 0.0, 0.0, 0.0))
         self.plans = NodePlans.for_node(self.bundle, self.engine.rt, s) if s.auto else fixed

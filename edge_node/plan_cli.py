@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     except BundleError as e:
         raise SystemExit(f"error: {e}") from None
     need = [c for c in presets if codec.get_preset(c).needs_calibration]
-    if need and not bundle.has("calibration.npz"):
+    if need and not bundle.has_calibration:
         raise SystemExit(
             f"error: preset(s) {need} need the bundle's calibration.npz, which {bundle_dir} lacks"
         )

@@ -96,7 +96,7 @@ class Plan:
         return "local" if self.cut == LOCAL else f"cut {self.cut}, {self.preset}"
 
 
-def _median_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+def median_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
     fn()  # warm-up (first ORT run allocates)
     times = []
     for _ in range(repeats):
@@ -106,19 +106,25 @@ def _median_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
     return statistics.median(times)
 
 
+def stage_times(rt: BundleRuntime, image: ImageLike, repeats: int, edge: str = "fp32") -> tuple[float, ...]:
+    """Median ms of embed, each block and the head at batch 1, with the `edge` ("fp32" / "int8") stages."""
+    cfg = rt.preprocess_config
+    pixels = normalize(to_model_input(image, cfg)[None], cfg)  # [1, 3, H, W]
+    hidden = rt.embed(pixels)  # [1, tokens, width]
+    stage = [median_ms(lambda: rt.embed(pixels, edge), repeats)]
+    for i in range(rt.num_blocks):
+        stage.append(median_ms(lambda i=i: rt.run_blocks(hidden, i, i + 1, edge), repeats))
+    stage.append(median_ms(lambda: rt.head(hidden, edge), repeats))
+    return tuple(stage)
+
+
 def profile_stages(rt: BundleRuntime, image: ImageLike, repeats: int = 20) -> StageProfile:
     cfg = rt.preprocess_config
     img = to_model_input(image, cfg)  # uint8 [H, W, 3]
-    pixels = normalize(img[None], cfg)  # [1, 3, H, W]
-    hidden = rt.embed(pixels)  # [1, tokens, width]
-    stage = [_median_ms(lambda: rt.embed(pixels), repeats)]
-    for i in range(rt.num_blocks):
-        stage.append(_median_ms(lambda i=i: rt.run_blocks(hidden, i, i + 1), repeats))
-    stage.append(_median_ms(lambda: rt.head(hidden), repeats))
     return StageProfile(
-        preprocess_ms=_median_ms(lambda: to_model_input(image, cfg), repeats),
-        normalize_ms=_median_ms(lambda: normalize(img[None], cfg), repeats),
-        stage_ms=tuple(stage),
+        preprocess_ms=median_ms(lambda: to_model_input(image, cfg), repeats),
+        normalize_ms=median_ms(lambda: normalize(img[None], cfg), repeats),
+        stage_ms=stage_times(rt, image, repeats),
     )
 
 

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_node.planner import StageProfile, _median_ms, frame_costs, profile_stages
+from edge_node.planner import StageProfile, frame_costs, profile_stages, stage_times
 from splitclip import codec
 from splitclip.bundle import Bundle
-from splitclip.preprocess import normalize, to_model_input
 from splitclip.runtime import BundleRuntime
 
 log = logging.getLogger("splitclip.edge")
@@ -132,19 +131,12 @@ def profile_int8_stages(
     rt: BundleRuntime, fp32: StageProfile, image: np.ndarray, repeats: int
 ) -> StageProfile:
     """The int8 edge stages' times (batch 1); preprocess and normalise are the fp32 profile's."""
-    cfg = rt.preprocess_config
-    pixels = normalize(to_model_input(image, cfg)[None], cfg)  # [1, 3, H, W]
-    hidden = rt.embed(pixels)  # [1, tokens, width]
-    stage = [_median_ms(lambda: rt.embed(pixels, "int8"), repeats)]
-    for i in range(rt.num_blocks):
-        stage.append(_median_ms(lambda i=i: rt.run_blocks(hidden, i, i + 1, "int8"), repeats))
-    stage.append(_median_ms(lambda: rt.head(hidden, "int8"), repeats))
-    return StageProfile(fp32.preprocess_ms, fp32.normalize_ms, tuple(stage))
+    return StageProfile(fp32.preprocess_ms, fp32.normalize_ms, stage_times(rt, image, repeats, "int8"))
 
 
 def usable_presets(bundle: Bundle, presets: Iterable[str]) -> list[str]:
     """The named presets this node can run on this bundle (known, and calibrated when they need it)."""
-    has_cal = bundle.has("calibration.npz")
+    has_cal = bundle.has_calibration
     out = []
     for name in dict.fromkeys(presets):
         p = codec.ALL_PRESETS.get(name)

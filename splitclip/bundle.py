@@ -220,6 +220,10 @@ class Bundle:
     def read_json(self, name: str) -> dict:
         return json.loads(self.path(name).read_text())
 
+    @property
+    def has_calibration(self) -> bool:
+        return self.has(CALIBRATION_FILE)
+
     def agreement(self) -> AgreementTable | None:
         """The measured agreement per plan (agreement.json), or None when the bundle has none."""
         from splitclip.agreement import AGREEMENT_FILE, AgreementTable
