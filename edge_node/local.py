@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from edge_node.results import EdgeResult
 from splitclip.preprocess import ImageLike
 from splitclip.prompts import PromptSet, average_templates, zero_shot_probs
 from splitclip.runtime import BundleRuntime
@@ -34,13 +33,6 @@ class Prepared:
     wire: np.ndarray  # cut 0: uint8 [H, W, 3]; 0<k<L: float32 [tokens, width]; L: float32 [embed_dim]
     timings_ms: dict[str, float] = field(default_factory=dict)
     edge: str = "fp32"  # the edge stages that computed `wire`
-
-    def label(self, r: EdgeResult) -> EdgeResult:
-        """`r` (a split answer to this frame) with the plan naming int8 edge stages: cut2/int8/klt-q20-ans."""
-        if self.edge != "fp32" and r.plan is not None and r.plan.startswith("cut"):
-            cut, _, preset = r.plan.partition("/")
-            r.plan = f"{cut}/{self.edge}/{preset}"
-        return r
 
 
 class PromptCache:

@@ -258,7 +258,7 @@ class EdgeNode:
         if plan.cut is None:
             self._answer_locally(t, image, PLANNED_LOCAL)
             return None
-        t.cut, t.codec = plan.cut, plan.preset
+        t.cut, t.codec, t.plan = plan.cut, plan.preset, plan.label
         try:
             t.prepared = self.engine.prepare(image, plan.cut, plan.edge)
             t0 = time.perf_counter()
@@ -323,8 +323,7 @@ class EdgeNode:
         assert t.cut is not None and t.codec is not None  # set with the frame
         wall_ms = (time.perf_counter() - t.sent_at) * 1e3
         self.plans.answered(t.cut, t.bytes_sent, t.frame_bytes, wall_ms, dict(res.timings_ms))
-        split = t.split_result(res, cut=t.cut, codec=t.codec)
-        self._deliver(t, t.prepared.label(split) if t.prepared is not None else split)
+        self._deliver(t, t.split_result(res, cut=t.cut, codec=t.codec))
 
     def _on_stream_lost(self, t: Ticket, lost: Lost) -> None:
         o = outcome(lost.code, lost.why, where=Where.STREAM, kind=lost.kind)

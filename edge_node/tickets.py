@@ -56,6 +56,7 @@ class Ticket:
         self.sent_at = 0.0  # perf_counter when it was handed to the stream / unary call
         self.cut: int | None = None  # the plan it was sent with
         self.codec: str | None = None
+        self.plan: str | None = None  # its label (autoplan.Candidate.label), e.g. cut2/int8/klt-q20-ans
         self._claimed = False
         self._lock = threading.Lock()
 
@@ -93,7 +94,7 @@ class Ticket:
             latency_ms=self.elapsed_ms(),
             cut=cut,
             codec=codec,
-            plan=f"cut{cut}/{codec}",
+            plan=self.plan or f"cut{cut}/{codec}",
             timings_ms=timings,
         )
 
