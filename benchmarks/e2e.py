@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -55,9 +56,25 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auto-warmup", type=int, default=8, help="unmeasured frames of the planner (8)")
     p.add_argument("--runs", type=int, default=3, help="sweeps of every setting (default 3)")
     p.add_argument("--edge-cpu", type=float, default=0.25, help="CPUs of the edge process (default 0.25)")
-    p.add_argument("--cgroup-period-us", type=int, default=10_000, help="CFS period of the quota (10000)")
+    p.add_argument(
+        "--cgroup-period-us",
+        type=int,
+        default=4000,
+        help="CFS period of the quota (default 4000, the least that holds a 1 ms quota at 0.25 CPU: with "
+        "longer periods a frame waits out whole throttles, slower and noisier than a weak CPU)",
+    )
     p.add_argument("--floor", type=float, default=0.99, help="agreement floor of the fixed plans (0.99)")
     p.add_argument("--plans", default=None, help="comma list of fixed plans to run (default: all allowed)")
+    p.add_argument(
+        "--gap-ms",
+        type=float,
+        default=25.0,
+        help="idle time before each frame, as between a camera's frames (default 25; see the report)",
+    )
+    p.add_argument(
+        "--noise", type=float, default=0.0, help="sensor noise of the images, grey levels (default 0)"
+    )
+    p.add_argument("--burst-bytes", type=int, default=1500, help="the link's token bucket (default 1500)")
     p.add_argument("--timeline", default="100,1,20", help="step-change rates, Mbit/s ('' = none)")
     p.add_argument("--timeline-frames", type=int, default=30, help="frames per step (default 30)")
     p.add_argument("--labels", type=Path, default=ROOT / "models" / "demo-labels.txt")
@@ -119,15 +136,21 @@ class Edge:
                 self.proc.wait()
 
 
-def write_images(folder: Path, n: int, image_size: int, seed: int) -> None:
-    """n demo scenes (half seen, half held-out combos) as PNG files, as a camera would hand them over."""
+def write_images(folder: Path, n: int, image_size: int, seed: int, noise: float = 0.0) -> None:
+    """n demo scenes (half seen, half held-out combos) as PNG files, as a camera would hand them over;
+    `noise` > 0 adds Gaussian sensor noise of that many grey levels (flat synthetic scenes compress far
+    better than a camera's frames, which flatters lossless image upload)."""
+    import numpy as np
     from PIL import Image
 
     from partitioner.synthetic import make_scenes
 
     seen, _ = make_scenes(n - n // 2, seed, "seen", image_size)
     held, _ = make_scenes(n // 2, seed, "heldout", image_size)
+    rng = np.random.default_rng(seed)
     for i, img in enumerate([*seen, *held]):
+        if noise > 0:
+            img = np.clip(img + rng.normal(0.0, noise, img.shape), 0, 255).astype(np.uint8)
         Image.fromarray(img, "RGB").save(folder / f"img_{i:03d}.png")
 
 
@@ -210,6 +233,8 @@ def run(args: argparse.Namespace) -> int:
     from demo.cloudproc import CloudProcess
     from splitclip.bundle import load_bundle
 
+    # SIGTERM unwinds like Ctrl-C, so the cloud (Ray, Valkey), the link and the cgroup are torn down
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     bundle_dir = Path(args.bundle).resolve()
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
@@ -234,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="splitclip-e2e-"))
     (work / "images").mkdir()
-    write_images(work / "images", args.images, m.vision.image_size, args.seed)
+    write_images(work / "images", args.images, m.vision.image_size, args.seed, args.noise)
     limit = CpuLimit(args.edge_cpu, period_us=args.cgroup_period_us)
     if not limit.start():
         print(f"note: the edge runs UNLIMITED: {limit.why}", flush=True)
@@ -257,7 +282,8 @@ def run(args: argparse.Namespace) -> int:
             up_s = cloud.start()
             print(f"cloud up in {up_s:.1f} s at {cloud.address}", flush=True)
             host, _, port = cloud.address.rpartition(":")
-            with LinkProxy(host, int(port), delay_ms=args.rtt_ms / 2) as proxy:
+            link = LinkProxy(host, int(port), delay_ms=args.rtt_ms / 2, burst_bytes=args.burst_bytes)
+            with link as proxy:
                 cmd = [
                     sys.executable, "-m", "benchmarks.e2e_edge", "--bundle", str(bundle_dir),
                     "--cloud", proxy.address, "--images", str(work / "images"), "--labels", str(args.labels),
@@ -280,6 +306,7 @@ def run(args: argparse.Namespace) -> int:
                                 first = n_rounds - args.frames - warm
                                 if r < first:
                                     continue
+                                time.sleep(args.gap_ms / 1e3)
                                 b0 = proxy.bytes_up
                                 f = edge.ask(op="frame", plan=plan, image=r % args.images)
                                 f.update(
@@ -301,6 +328,7 @@ def run(args: argparse.Namespace) -> int:
                     for mbps in steps:
                         proxy.set(mbps_up=mbps)
                         for i in range(args.timeline_frames):
+                            time.sleep(args.gap_ms / 1e3)
                             f = edge.ask(op="frame", plan="auto", image=i % args.images)
                             f.update(mbps=mbps, step_frame=i)
                             timeline.append(f)
@@ -392,8 +420,14 @@ def report(
     cmd = (
         f"splitclip bench e2e --bundle {os.path.relpath(bundle_dir, ROOT)} --mbps {args.mbps} --rtt-ms "
         f"{args.rtt_ms:g} --images {args.images} --frames {args.frames} --runs {args.runs} --edge-cpu "
-        f"{args.edge_cpu:g}" + (f" --out {args.out}" if args.out else "") + (f" --plots {args.plots}" if args.plots else "")
-    )  # fmt: skip
+        f"{args.edge_cpu:g}"
+        + (f" --plans {args.plans}" if args.plans else "")
+        + (f" --noise {args.noise:g}" if args.noise else "")
+        + (f" --floor {args.floor:g}" if args.floor != 0.99 else "")
+        + (f" --timeline {args.timeline}" if args.timeline != "100,1,20" else "")
+        + (f" --out {args.out}" if args.out else "")
+        + (f" --plots {args.plots}" if args.plots else "")
+    )
     L: list[str] = [
         "# End to end: fixed plans vs the planner (`splitclip bench e2e`)",
         "",
@@ -409,10 +443,14 @@ def report(
         ),
         "- cloud: local Ray + Serve + embedded Valkey (`demo.cloudproc.CloudProcess`, 2 CPUs) on the same "
         "2-core box, unlimited; the link: `benchmarks.link.LinkProxy`, uplink rate as given, "
-        f"{args.rtt_ms / 2:g} ms added each way, downlink unlimited",
-        f"- {args.images} demo images (half held-out combos), {args.frames} measured frames per plan, setting "
+        f"{args.rtt_ms / 2:g} ms added each way, a {args.burst_bytes:,} B token bucket, downlink unlimited",
+        f"- {args.images} demo images (half held-out combos"
+        + (f", Gaussian sensor noise of {args.noise:g} grey levels" if args.noise > 0 else "")
+        + f"), {args.frames} measured frames per plan, setting "
         f"and run after {args.warmup} warm-up frames (planner: {args.auto_warmup}, a fresh node per setting), "
-        f"{args.runs} runs pooled; plans interleaved round by round in shuffled order; one frame in flight",
+        f"{args.runs} runs pooled; plans interleaved round by round in shuffled order; one frame in flight, "
+        f"{args.gap_ms:g} ms idle before each (a camera's frame gap: without one a frame's latency depends "
+        "on whether the frame before it spent the edge's CPU quota, and plans that follow a local frame lose)",
         "- latency: the node's own (start of preprocessing to answer); edge = preprocess + edge stages + "
         "encode (local: all), cloud = the cloud's reported `total`, transfer = the rest (link, rtt, gRPC, "
         "proxy); their medians, so they need not add up to the median",

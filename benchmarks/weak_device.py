@@ -14,6 +14,7 @@ runs unlimited and says so.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shlex
 import time
@@ -27,8 +28,9 @@ class CpuLimit:
         if not fraction > 0:
             raise ValueError(f"the CPU fraction must be > 0, got {fraction}")
         self.fraction = fraction
-        self.period_us = int(period_us)
-        self.quota_us = max(1000, round(fraction * self.period_us))  # the kernel's minimum quota is 1 ms
+        # the kernel's least quota is 1 ms: a shorter period would silently raise the fraction
+        self.period_us = max(int(period_us), math.ceil(1000 / fraction))
+        self.quota_us = round(fraction * self.period_us)
         self.path = CPU_ROOT / (name or f"splitclip-e2e-{os.getpid()}")
         self.active = False
         self.why = ""

@@ -96,6 +96,8 @@ class Pipeline:
             self._score_group, settings.max_batch_size, settings.ingress_calls_inflight
         )
         self.inflight = 0  # frames being answered now
+        self.tail_ms_per_block = 0.0  # moving averages for Hello (the nodes' planners)
+        self.queue_ms = 0.0
 
     # -- phases -----------------------------------------------------------------------------
     def authenticate(self, metadata: Iterable[tuple[str, Any]] | None) -> None:
@@ -202,7 +204,18 @@ class Pipeline:
         }
         for stage, ms in timings.items():
             self.metrics.stage(stage, ms)
+        if frame.cut < self.num_blocks:
+            self._load(timings["tail"] - timings["queue"], self.num_blocks - frame.cut, timings["queue"])
         return self.shape_result(frame, prompts, probs, top, timings)
+
+    def _load(self, tail_ms: float, blocks: int, queue_ms: float, a: float = 0.2) -> None:
+        """The moving averages Hello reports (the first frame replaces the zeros)."""
+        per_block = max(1e-3, tail_ms / blocks)
+        if self.tail_ms_per_block == 0:
+            self.tail_ms_per_block, self.queue_ms = per_block, queue_ms
+        else:
+            self.tail_ms_per_block += a * (per_block - self.tail_ms_per_block)
+            self.queue_ms += a * (queue_ms - self.queue_ms)
 
     async def answer(self, frame: pb.Frame) -> pb.Result | errors.ServiceError:
         """The frame's Result, or the refusal; never raises (a bad frame must not hurt the replica)."""
@@ -299,6 +312,8 @@ class Pipeline:
             num_blocks=self.num_blocks,
             heartbeat_interval_s=self.s.heartbeat_interval_s,
             codecs=list(codec.ALL_PRESETS),
+            tail_ms_per_block=self.tail_ms_per_block,
+            queue_ms=self.queue_ms,
         )
 
     # -- for tests and the benchmark --------------------------------------------------------

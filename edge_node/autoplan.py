@@ -13,7 +13,8 @@ time from send to answer minus the cloud's reported server time (Result.timings_
 (frame bytes, transfer + rtt) sample; a recency-weighted least-squares line through the recent samples
 gives rtt (intercept) and bandwidth (slope); while every frame is about the same size the line goes
 through the round trip of the node's Hellos (heartbeats; the least of the last 5) at 0 bytes. The cloud's speed is learnt as a ratio to this device's own stage times, so a cut never sent
-is predicted from the cuts that were. Hysteresis: the node moves to another plan only after it has
+is predicted from the cuts that were, and from the cloud's own report in each Hello (its tail ms per
+block, what a plan at cut L never shows). Hysteresis: the node moves to another plan only after it has
 been predicted better than the current one by `margin` for `patience` frames in a row. While it
 answers locally nothing is learnt, so the first frame and then one every `explore_every` frames
 (doubling while local stays best) go with the best remote plan: real frames, answered by the cloud.
@@ -68,7 +69,7 @@ class Policy:
     allow_image_upload: bool = True
     objective: str = "latency"  # "latency" | "bytes"
     latency_budget_ms: float = 0.0  # objective bytes: predicted latency allowed
-    margin: float = 0.15  # a new plan must be predicted this much better ...
+    margin: float = 0.05  # a new plan must be predicted this much better ...
     patience: int = 3  # ... for this many frames in a row
     explore_every: int = 50  # frames answered locally before one goes remote (then doubling) ...
     explore_max: int = 800  # ... up to this
@@ -193,24 +194,42 @@ class LinkEstimate:
 
 class CloudEstimate:
     """The cloud's server time for a frame: overhead (decode, queue, text, score) + speed * tail compute,
-    where tail compute is what stages[k:L] + head take on this device (speed 1 = as fast as here)."""
+    where tail compute is what stages[k:L] + head take on this device (speed 1 = as fast as here).
+    The speed comes from answered frames that ran at least about a block in the cloud, and from the
+    cloud's own report in Hello (its tail ms per block), which is all there is while the node's plan
+    leaves the cloud nothing to compute (cut L)."""
 
     def __init__(self, speed: float = 1.0, overhead_ms: float = 2.0, alpha: float = 0.2) -> None:
         self.speed = speed  # the conservative prior: the cloud no faster than this device
         self.overhead_ms = overhead_ms
         self.alpha = alpha
-        self.seen = 0
+        self.seen = 0  # frames answered
+        self.tails_seen = 0  # ... of which ran at least about a block in the cloud
+        self.reported = False  # a Hello said the cloud's speed
 
-    def observe(self, cloud_compute_ms: float, timings: Mapping[str, float]) -> None:
+    def _learn_speed(self, ratio: float, first: bool) -> None:
+        a = 1.0 if first else self.alpha
+        self.speed = math.exp((1 - a) * math.log(self.speed) + a * math.log(max(ratio, 1e-4)))
+
+    def observe(self, cloud_compute_ms: float, timings: Mapping[str, float], block_ms: float = 0.0) -> None:
         total = float(timings.get("total", 0.0))
         if total <= 0:
             return
         tail = max(0.0, float(timings.get("tail", 0.0)) - float(timings.get("queue", 0.0)))
         a = 1.0 if self.seen == 0 else self.alpha  # the first answer replaces the prior
-        if cloud_compute_ms > 0.05 and tail > 0:
-            self.speed = math.exp((1 - a) * math.log(self.speed) + a * math.log(tail / cloud_compute_ms))
+        if cloud_compute_ms > max(0.05, 0.5 * block_ms) and tail > 0:
+            self._learn_speed(tail / cloud_compute_ms, first=self.tails_seen == 0)
+            self.tails_seen += 1
         self.overhead_ms = (1 - a) * self.overhead_ms + a * max(0.0, total - tail)
         self.seen += 1
+
+    def observe_report(self, cloud_block_ms: float, queue_ms: float, block_ms: float) -> None:
+        """The cloud's Hello: its recent tail ms per block (this device's: `block_ms`) and queue."""
+        if cloud_block_ms > 0 and block_ms > 0:
+            self._learn_speed(cloud_block_ms / block_ms, first=self.tails_seen == 0 and not self.reported)
+            self.reported = True
+        if self.seen == 0:
+            self.overhead_ms = max(self.overhead_ms, 2.0 + queue_ms)
 
     def predict(self, c: Candidate) -> float:
         decode = c.decode_ms if self.seen == 0 else 0.0  # once seen, the overhead has the cloud's decode
@@ -226,10 +245,17 @@ class AutoPlanner:
         policy: Policy,
         link: LinkEstimate | None = None,
         cloud: CloudEstimate | None = None,
+        *,
+        num_blocks: int | None = None,
     ) -> None:
         if not plans:
             raise ValueError("no plans to choose from")
         self.plans = list(plans)
+        L = num_blocks if num_blocks is not None else max((c.cut or 0) for c in self.plans)
+        inner = [c for c in self.plans if c.cut is not None and c.cut < L and c.cloud_compute_ms > 0]
+        lowest = min(inner, key=lambda c: c.cut or 0, default=None)
+        # this device's ms per block of the cloud's share (the cloud reports its own per block)
+        self.block_ms = lowest.cloud_compute_ms / (L - (lowest.cut or 0)) if lowest is not None else 0.0
         self.policy = policy
         self.link = link or LinkEstimate()
         self.cloud = cloud or CloudEstimate()
@@ -277,11 +303,16 @@ class AutoPlanner:
                 self._switch(best)
         else:
             self._streak = 0
-        if self.current.is_local:
+        # local learns nothing; a plan that leaves the cloud no block learns nothing of its speed until
+        # a frame with a tail or the cloud's own report has said it
+        blind = self.current.cloud_compute_ms <= 0.5 * self.block_ms and self.cloud.tails_seen == 0
+        if self.current.is_local or (blind and not self.cloud.reported):
             self._local_frames += 1
             if self._local_frames >= self._explore_every:
                 # one real frame to learn about the link and the cloud (a cut < L, so the cloud computes)
-                remote = [c for _, c in self.ranked() if not c.is_local and c.cloud_compute_ms > 0]
+                remote = [
+                    c for _, c in self.ranked() if not c.is_local and c.cloud_compute_ms > 0.5 * self.block_ms
+                ]
                 if remote:
                     self._fresh = True
                     self._local_frames = 0
@@ -321,11 +352,15 @@ class AutoPlanner:
         self.overhead_bytes = 0.8 * self.overhead_bytes + 0.2 * max(0.0, frame_bytes - payload_bytes)
         plan = next((c for c in self.plans if c.cut == cut), None)
         if plan is not None:
-            self.cloud.observe(plan.cloud_compute_ms, timings)
+            self.cloud.observe(plan.cloud_compute_ms, timings, self.block_ms)
 
     def observe_rtt(self, ms: float) -> None:
         """A Hello's round trip (the heartbeat the node sends anyway)."""
         self.link.observe_rtt(ms)
+
+    def observe_cloud_report(self, tail_ms_per_block: float, queue_ms: float) -> None:
+        """The cloud's own speed and queue, from a Hello's answer."""
+        self.cloud.observe_report(tail_ms_per_block, queue_ms, self.block_ms)
 
     def forbid_cut(self, cut: int) -> None:
         """Drop every plan at `cut` (e.g. the cloud refuses cut-0 frames)."""

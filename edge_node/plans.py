@@ -51,7 +51,7 @@ class NodePlans:
         else:
             presets = list(codec.PRESETS)
         prof = load_or_measure(bundle, runtime, presets, cache_dir=s.cache_dir)
-        auto = AutoPlanner(candidates(prof, table, policy), policy)
+        auto = AutoPlanner(candidates(prof, table, policy), policy, num_blocks=prof.num_blocks)
         log.info(
             "auto plan over %d plans (%d with int8 edge stages; floor %g%s): starting with %s",
             len(auto.plans),
@@ -76,10 +76,13 @@ class NodePlans:
             with self._lock:
                 self.auto.observe(cut, payload_bytes, frame_bytes, wall_ms, timings)
 
-    def hello_rtt(self, ms: float) -> None:
+    def hello_rtt(self, ms: float, resp: Any = None) -> None:
+        """A Hello's round trip, and the cloud's report of its speed and queue in the answer."""
         if self.auto is not None:
             with self._lock:
                 self.auto.observe_rtt(ms)
+                if resp is not None and getattr(resp, "tail_ms_per_block", 0) > 0:
+                    self.auto.observe_cloud_report(resp.tail_ms_per_block, resp.queue_ms)
 
     def forbid_cut(self, cut: int) -> bool:
         """Stop choosing `cut`; False for a fixed plan (the node must handle it)."""
@@ -91,16 +94,17 @@ class NodePlans:
 
 
 class TimedHello:
-    """A cloud client whose Hello round trips (the heartbeat the node sends anyway) feed the planner's rtt."""
+    """A cloud client whose Hellos (the heartbeat the node sends anyway) feed the planner: their round
+    trip (the rtt) and the answer (the cloud's own speed and queue)."""
 
-    def __init__(self, client: Any, on_rtt: Callable[[float], None]) -> None:
+    def __init__(self, client: Any, on_rtt: Callable[[float, Any], None]) -> None:
         self._client = client
         self._on_rtt = on_rtt
 
     def hello(self, request: Any, timeout: float) -> Any:
         t0 = time.perf_counter()
         resp = self._client.hello(request, timeout)  # a failed Hello raises: no sample
-        self._on_rtt((time.perf_counter() - t0) * 1e3)
+        self._on_rtt((time.perf_counter() - t0) * 1e3, resp)
         return resp
 
     def __getattr__(self, name: str) -> Any:

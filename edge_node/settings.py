@@ -20,7 +20,7 @@ SPLITCLIP_CODEC               codec preset of a fixed cut (default: int8-zstd; a
 SPLITCLIP_MIN_AGREEMENT       auto: only plans with measured top-1 agreement >= this (default 0.99)
 SPLITCLIP_OBJECTIVE           auto: `latency` (default) or `bytes` (fewest bytes within LATENCY_BUDGET_MS)
 SPLITCLIP_LATENCY_BUDGET_MS   auto, objective bytes: the predicted latency a plan may take
-SPLITCLIP_PLAN_MARGIN         auto: switch only to a plan predicted this much better (default 0.15) ...
+SPLITCLIP_PLAN_MARGIN         auto: switch only to a plan predicted this much better (default 0.05) ...
 SPLITCLIP_PLAN_PATIENCE       ... for this many frames in a row (default 3)
 SPLITCLIP_CACHE_DIR           the device profile cache (default ~/.cache/splitclip)
 SPLITCLIP_TOP_K               labels per result (default 5)
@@ -91,7 +91,7 @@ class EdgeSettings:
     min_agreement: float = 0.99  # auto: the agreement floor
     objective: str = "latency"  # auto: "latency" | "bytes"
     latency_budget_ms: float = 0.0  # auto, objective bytes: required (> 0)
-    plan_margin: float = 0.15
+    plan_margin: float = 0.05
     plan_patience: int = 3
     cache_dir: Path | None = None  # None = ~/.cache/splitclip
 

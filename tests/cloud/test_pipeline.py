@@ -209,3 +209,25 @@ def test_a_cloud_that_takes_no_pixels_refuses_cut_0_with_the_reason(tiny_bundle_
         await p.close()
 
     asyncio.run(scenario())
+
+
+def test_hello_reports_the_clouds_tail_ms_per_block_and_queue(tiny_bundle_dir, redis_server, runtime, maker):
+    """What the nodes' planners read as the cloud's speed: 0 before any frame, then the moving average
+    of (tail - queue) / blocks run of the frames that had a tail; a cut-L frame (no block) leaves it."""
+    L = runtime.num_blocks
+    hello = pb.HelloRequest(node_id="speed-test", bundle_id=runtime.manifest.bundle_id, mode="split")
+
+    async def scenario() -> None:
+        p = local_pipeline(settings(tiny_bundle_dir, redis_server.url))
+        first = await p.hello(hello)
+        assert first.tail_ms_per_block == 0 and first.queue_ms == 0
+        r = await p.classify(maker.frame(image(0), 1, PROMPTS, frame_id=1))
+        t = r.timings_ms
+        resp = await p.hello(hello)
+        assert resp.tail_ms_per_block == pytest.approx((t["tail"] - t["queue"]) / (L - 1), rel=1e-4)
+        assert resp.queue_ms == pytest.approx(t["queue"], rel=1e-4, abs=1e-4)
+        await p.classify(maker.frame(image(1), L, PROMPTS, frame_id=2))
+        assert (await p.hello(hello)).tail_ms_per_block == pytest.approx(resp.tail_ms_per_block)
+        await p.close()
+
+    asyncio.run(scenario())

@@ -328,3 +328,42 @@ def test_a_private_auto_node_never_sends_pixels(bundle: Path, tmp_path: Path) ->
         bundle, cloud="127.0.0.1:9", cut="auto", allow_image_upload=False, cache_dir=tmp_path
     ) as node:
         assert node.plans.auto is not None and all(c.cut != 0 for c in node.plans.auto.plans)
+
+
+def test_the_clouds_hello_report_sets_its_speed_when_the_plan_shows_none() -> None:
+    """A node at cut L (or local) sees no tail of its own: the Hello's tail ms per block is what tells it
+    that the cloud is fast, and then an inner cut wins (the ViT-B/32 bench got stuck at cut L without it)."""
+    prof = edge_profile(block_ms=15.0)
+    planner = planner_for(prof, allow_image_upload=False)
+    assert planner.block_ms == pytest.approx(15.0 + 2.0 / (L - 1))  # blocks[1:L] + head, per block
+    planner.cloud.speed = 1.0  # the prior: the cloud no faster than this device
+    planner.link.rtt_ms, planner.link.ms_per_byte = 5.0, 8.0 / 100e3  # a 100 Mbit/s link, learnt
+    before = planner.best()
+    planner.observe_cloud_report(0.05 * planner.block_ms, queue_ms=1.0)  # the cloud: 20x this device
+    after = planner.best()
+    assert planner.cloud.speed == pytest.approx(0.05)
+    assert before.cut == L or before.is_local
+    assert after.cut is not None and 0 < after.cut < L, after.label
+
+
+def test_a_frame_at_cut_L_does_not_teach_the_cloud_speed() -> None:
+    """At cut L the cloud runs no block: a tail of ~0 ms over the head's cost is no measure of its speed."""
+    planner = planner_for(edge_profile())
+    planner.cloud.speed = 0.3
+    for _ in range(5):
+        planner.observe(L, 2048, 2100, 40.0, {"tail": 0.0, "queue": 0.0, "total": 1.5})
+    assert planner.cloud.speed == pytest.approx(0.3)
+    assert planner.cloud.tails_seen == 0 and planner.cloud.seen == 5
+
+
+def test_a_node_at_cut_L_with_no_word_of_the_cloud_sends_one_frame_that_makes_it_compute() -> None:
+    """A fresh cloud reports no speed yet: the node's first frame then goes with a plan that runs
+    blocks in the cloud (like a local node's exploration), and that answer teaches the speed."""
+    planner = planner_for(edge_profile(block_ms=15.0), allow_image_upload=False)
+    # where int8 edge stages make the whole tower here + the embedding up the fastest plan
+    planner.current = next(c for c in planner.plans if c.cut == L)
+    first = planner.choose()
+    assert first.cut is not None and first.cut < L and first.cloud_compute_ms > planner.block_ms
+    planner.observe(first.cut, first.payload_bytes, first.payload_bytes, 40.0,
+                    {"tail": 0.05 * first.cloud_compute_ms, "queue": 0.0, "total": 0.05 * first.cloud_compute_ms + 1})  # fmt: skip
+    assert planner.cloud.speed == pytest.approx(0.05) and planner.cloud.tails_seen == 1
