@@ -18,6 +18,8 @@ block, what a plan at cut L never shows). Hysteresis: the node moves to another 
 been predicted better than the current one by `margin` for `patience` frames in a row. While it
 answers locally nothing is learnt, so the first frame and then one every `explore_every` frames
 (doubling while local stays best) go with the best remote plan: real frames, answered by the cloud.
+Likewise a plan whose frames are too small to show the bandwidth (the embedding at cut L) sends one
+frame of the best plan with 8x larger frames every `explore_thin_every` frames (doubling).
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ class Policy:
     patience: int = 3  # ... for this many frames in a row
     explore_every: int = 50  # frames answered locally before one goes remote (then doubling) ...
     explore_max: int = 800  # ... up to this
+    thin_bytes: float = 2500  # a plan's frames under this show little of the bandwidth: ...
+    explore_thin_every: int = 20  # ... one frame in this many (then doubling) goes with a larger plan
 
 
 def candidates(
@@ -264,6 +268,8 @@ class AutoPlanner:
         self.switches = 0
         self._streak = 0
         self._explore_every = policy.explore_every
+        self._thin_frames = 0
+        self._thin_every = policy.explore_thin_every
         # the cloud's speed is a guess until one frame was answered: the first frame goes remote
         self._local_frames = self._explore_every - 1
         self._fresh = False  # the next answer is the first after a stretch of local answers
@@ -318,6 +324,18 @@ class AutoPlanner:
                     self._local_frames = 0
                     self._explore_every = min(2 * self._explore_every, self.policy.explore_max)
                     return remote[0]
+        elif self.current.payload_bytes < self.policy.thin_bytes:
+            # its frames are too small to show the bandwidth: now and then one of a larger plan does
+            self._thin_frames += 1
+            if self._thin_frames >= self._thin_every:
+                big = [
+                    c for _, c in self.ranked() if c.payload_bytes >= 8 * max(self.current.payload_bytes, 512)
+                ]
+                if big:
+                    self._fresh = True
+                    self._thin_frames = 0
+                    self._thin_every = min(2 * self._thin_every, self.policy.explore_max)
+                    return big[0]
         return self.current
 
     def _switch(self, to: Candidate) -> None:
@@ -336,6 +354,7 @@ class AutoPlanner:
         self._streak = 0
         if not to.is_local:
             self._explore_every = self.policy.explore_every
+        self._thin_frames, self._thin_every = 0, self.policy.explore_thin_every
 
     def observe(
         self,

@@ -367,3 +367,20 @@ def test_a_node_at_cut_L_with_no_word_of_the_cloud_sends_one_frame_that_makes_it
     planner.observe(first.cut, first.payload_bytes, first.payload_bytes, 40.0,
                     {"tail": 0.05 * first.cloud_compute_ms, "queue": 0.0, "total": 0.05 * first.cloud_compute_ms + 1})  # fmt: skip
     assert planner.cloud.speed == pytest.approx(0.05) and planner.cloud.tails_seen == 1
+
+
+@pytest.mark.parametrize("explore", [True, False])
+def test_a_plan_with_tiny_frames_sends_a_larger_one_now_and_then_to_see_the_bandwidth(explore: bool) -> None:
+    """At cut L (a 1 kB embedding) transfer is lost in the rtt: a link that got 20x faster stays
+    unseen unless one frame in `explore_thin_every` goes with a plan of larger frames (the ViT-B/32
+    step 1 -> 20 Mbit/s stayed on cut L for 30 frames before this)."""
+    planner = planner_for(edge_profile(), explore_thin_every=10 if explore else 10**6, margin=10.0)
+    run(planner, World(1.0), 10)  # learn the 1 Mbit/s link; margin 10: the plan never changes here
+    planner.current = next(c for c in planner.plans if c.cut == L and c.preset == "fp16")  # 1,024 B
+    believed = planner.link.mbps
+    used = run(planner, World(20.0), 25)
+    big = [u for u in used if u != planner.current.label]
+    if explore:
+        assert 1 <= len(big) <= 3 and planner.link.mbps > 10, (big, planner.link.mbps)
+    else:
+        assert not big and planner.link.mbps < 3 * believed, planner.link.mbps
