@@ -450,7 +450,9 @@ def report(
         f"and run after {args.warmup} warm-up frames (planner: {args.auto_warmup}, a fresh node per setting), "
         f"{args.runs} runs pooled; plans interleaved round by round in shuffled order; one frame in flight, "
         f"{args.gap_ms:g} ms idle before each (a camera's frame gap: without one a frame's latency depends "
-        "on whether the frame before it spent the edge's CPU quota, and plans that follow a local frame lose)",
+        "on whether the frame before it spent the edge's CPU quota, and plans that follow a local frame lose); "
+        "the fixed plans (`local` too) share one node with a cloud, its plan set per frame, the planner has "
+        "its own (30 nodes in one process would steal the quota from whichever frame runs)",
         "- latency: the node's own (start of preprocessing to answer); edge = preprocess + edge stages + "
         "encode (local: all), cloud = the cloud's reported `total`, transfer = the rest (link, rtt, gRPC, "
         "proxy); their medians, so they need not add up to the median",

@@ -4,7 +4,7 @@ Run by benchmarks/e2e.py (under a CPU quota, benchmarks/weak_device.py) as
 `python -m benchmarks.e2e_edge --bundle B --cloud ADDR --images DIR --labels FILE`. It reads one JSON
 command per line on stdin and answers one JSON line on stdout (logs go to stderr):
 
-    {"op": "open", "plan": "local" | "auto" | "cut<k>/<preset>"}   a node for that plan (auto: a fresh one)
+    {"op": "open", "plan": "local" | "auto" | "cut<k>/<preset>"}   that plan (auto: a fresh node of its own)
     {"op": "frame", "plan": P, "image": i}                          one frame of image i on that node
     {"op": "quit"}
 
@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="edge %(levelname)s %(message)s")
 
+    from edge_node.autoplan import Candidate
     from edge_node.node import EdgeNode
+    from edge_node.plans import NodePlans
     from splitclip.bundle import load_bundle
 
     bundle = load_bundle(a.bundle)
@@ -59,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     ref_node = EdgeNode(bundle)
     reference = [ref_node.classify(image(i), labels).top_label for i in range(len(blobs))]
     ref_node.close()
+    # Every fixed plan runs on ONE node with a cloud, its plan set before each frame: 30 nodes in one
+    # process (each with its own heartbeat thread, channel and sessions) steal the quota from whichever
+    # frame is running, and the planner's node would pay for all of them. The planner has its own node.
+    shared: EdgeNode | None = None
+    fixed: dict[str, NodePlans] = {}
     nodes: dict[str, EdgeNode] = {}
     say({"op": "ready", "images": len(blobs), "reference_s": time.perf_counter() - t0})
     for line in sys.stdin:
@@ -69,22 +76,25 @@ def main(argv: list[str] | None = None) -> int:
         plan = cmd["plan"]
         if op == "open":
             t1 = time.perf_counter()
-            old = nodes.pop(plan, None)
+            old = nodes.pop(plan, None) if plan == "auto" else None  # fixed plans share one node
             if old is not None:
                 old.close()
-            if plan == "local":
-                node = EdgeNode(bundle)
-            elif plan == "auto":
+            if plan == "auto":
                 node = EdgeNode(bundle, cloud=a.cloud, cut="auto")
+                node.prompt_embeddings(labels)  # warmed once, as a node does on first use
             else:
-                k, preset = parse_plan(plan)
-                node = EdgeNode(bundle, cloud=a.cloud, cut=k, codec=preset)
+                if shared is None:  # "auto" loads the calibration every preset may need
+                    shared = EdgeNode(bundle, cloud=a.cloud, cut="auto")
+                    shared.prompt_embeddings(labels)
+                k, preset = (None, "") if plan == "local" else parse_plan(plan)
+                fixed[plan] = NodePlans(fixed=Candidate(k, preset, 0.0, 0.0, 0.0, 0.0))
+                node = shared
             nodes[plan] = node
-            if plan != "local":  # the prompt embeddings: warmed once, as a node does on first use
-                node.prompt_embeddings(labels)
             say({"op": "opened", "plan": plan, "s": time.perf_counter() - t1})
         elif op == "frame":
             i = int(cmd["image"])
+            if plan in fixed:
+                nodes[plan].plans = fixed[plan]
             r = next(iter(nodes[plan].classify_many([image(i)], labels, sources=[str(i)])))
             t = r.timings_ms
             edge = sum(t.get(k, 0.0) for k in EDGE_KEYS)
@@ -106,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             raise SystemExit(f"unknown op {op!r}")
-    for node in nodes.values():
+    for node in {id(n): n for n in nodes.values()}.values():
         node.close()
     return 0
 
