@@ -32,6 +32,9 @@ SPLITCLIP_PROBE_INTERVAL_S    first probe delay after opening (default 0.5), dou
 SPLITCLIP_PROBE_MAX_S         ... up to this cap (default 2; keeps recovery under 5 s)
 SPLITCLIP_RETRY_ATTEMPTS      attempts of a unary call on transient statuses (default 3)
 SPLITCLIP_KEEPALIVE_S         HTTP/2 keepalive ping interval while calls are open (default 20)
+SPLITCLIP_METRICS_PORT        `splitclip edge watch`: serve Prometheus metrics on this port (default 0:
+                              off; 9464 in Kubernetes), at http://METRICS_HOST:PORT/metrics
+SPLITCLIP_METRICS_HOST        the address it binds (default 0.0.0.0)
 """
 
 from __future__ import annotations
@@ -94,6 +97,8 @@ class EdgeSettings:
     plan_margin: float = 0.05
     plan_patience: int = 3
     cache_dir: Path | None = None  # None = ~/.cache/splitclip
+    metrics_port: int = 0  # `splitclip edge watch`'s Prometheus endpoint; 0 = off
+    metrics_host: str = "0.0.0.0"
 
     @property
     def auto(self) -> bool:

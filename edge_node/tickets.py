@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +17,8 @@ from edge_node.reasons import Reason, base
 from edge_node.results import EdgeResult
 from splitclip.prompts import PromptSet, top_k
 from splitclip.wire import pb
+
+log = logging.getLogger("splitclip.edge")
 
 
 @dataclass
@@ -26,6 +30,8 @@ class NodeStats:
     bytes_sent: int = 0
     late_dropped: int = 0  # cloud answers that arrived after the frame was answered locally
     by_reason: Counter[str] = field(default_factory=Counter)
+    # called with every counted result, once, before it reaches the caller (edge_node/metrics.py)
+    listeners: list[Callable[[EdgeResult], None]] = field(default_factory=list, repr=False, compare=False)
 
     def count(self, r: EdgeResult) -> None:
         self.frames += 1
@@ -37,6 +43,11 @@ class NodeStats:
             self.split += 1
         else:
             self.local += 1
+        for listener in self.listeners:
+            try:
+                listener(r)
+            except Exception:  # a broken listener must not cost the frame its answer
+                log.exception("a result listener failed on frame %d", r.frame_id)
 
 
 class Ticket:

@@ -2,6 +2,8 @@
 edge process (what the Kubernetes DaemonSet runs). Images dropped into INBOX, e.g. by a camera, are
 classified in arrival order, one JSON line each is appended to --out, and the image is then moved to
 --done (or deleted). Runs until SIGTERM / Ctrl-C; the node switches between split and local by itself.
+With --metrics-port (SPLITCLIP_METRICS_PORT) > 0 it serves Prometheus metrics (edge_node/metrics.py)
+at http://SPLITCLIP_METRICS_HOST:PORT/metrics.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import logging
 import signal
 import sys
 import threading
+from contextlib import ExitStack
 from pathlib import Path
 
 from edge_node.cli import IMAGE_SUFFIXES
 from splitclip.classify import read_labels
+from splitclip.errors import UsageError
 
 HELP = "classify images dropped into a directory until stopped"
 
@@ -71,9 +75,16 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=float, default=0.5, help="seconds between inbox scans when idle (0.5)")
     p.add_argument("--bundle", type=Path, help="bundle directory [SPLITCLIP_BUNDLE]")
     p.add_argument("--cloud", metavar="HOST:PORT", help="cloud gRPC address [SPLITCLIP_CLOUD]; none = local")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics at :PORT/metrics [SPLITCLIP_METRICS_PORT, 0 = off]",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from edge_node.metrics import NodeMetrics
     from edge_node.node import EdgeNode
     from edge_node.settings import EdgeSettings, command_cut
 
@@ -85,8 +96,23 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    settings = EdgeSettings.from_env(bundle=args.bundle, cloud=args.cloud, cut=command_cut(None, args.cloud))
-    with EdgeNode(settings=settings) as node:
+    settings = EdgeSettings.from_env(
+        bundle=args.bundle,
+        cloud=args.cloud,
+        cut=command_cut(None, args.cloud),
+        metrics_port=args.metrics_port,
+    )
+    if not 0 <= settings.metrics_port <= 65535:
+        raise UsageError(f"metrics port must be in 0..65535 (0 = off), got {settings.metrics_port}")
+    with EdgeNode(settings=settings) as node, ExitStack() as cleanup:
+        if settings.metrics_port:
+            metrics = NodeMetrics(node)
+            try:
+                server = metrics.serve(settings.metrics_host, settings.metrics_port)
+            except OSError as e:
+                raise UsageError(f"metrics port {settings.metrics_port}: {e.strerror or e}") from None
+            cleanup.callback(server.close)
+            log.info("metrics on %s", server.url)
         log.info(
             "watching %s: bundle %s, mode %s (%s)", args.inbox, node.bundle_id, node.mode, node.mode_reason
         )
