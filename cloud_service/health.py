@@ -105,8 +105,8 @@ def add_HealthServicer_to_server(servicer: Any, server: Any) -> None:
 class UnknownService(LookupError):
     """Check for a service this server does not serve (the ingress answers NOT_FOUND, as the spec says)."""
 
-    def __init__(self, service: str) -> None:
-        known = ", ".join(repr(s) for s in KNOWN_SERVICES)
+    def __init__(self, service: str, known_services: Iterable[str] = KNOWN_SERVICES) -> None:
+        known = ", ".join(repr(s) for s in sorted(known_services))
         super().__init__(f"unknown service {service!r} for health checks (known: {known})")
 
 
@@ -143,7 +143,7 @@ class Readiness:
     async def check(self, service: str) -> Any:
         """The HealthCheckResponse for `service`; UnknownService for a name not served here."""
         if service not in self.services:
-            raise UnknownService(service)
+            raise UnknownService(service, self.services)
         return HealthCheckResponse(status=await self.status())
 
     async def status(self) -> int:

@@ -1,9 +1,10 @@
 """Ingress deployment: the gRPC face of the service, a thin adapter from RPCs to `Pipeline` calls.
 
-Serve's gRPC proxy calls the method whose name equals the RPC name (protos/splitclip.proto). Each
-handler authenticates, runs the pipeline (cloud_service.pipeline) and turns a refusal into a gRPC
-status with the error's kind in trailing metadata (unary) or into `Result.error` (stream); see
-cloud_service.errors. Without a gRPC context (a deployment handle call) a refusal is raised.
+Serve's gRPC proxy calls the method whose name equals the RPC name (protos/splitclip.proto, and
+`Check` of grpc.health.v1: cloud_service.health). Each SplitClip handler authenticates, runs the
+pipeline (cloud_service.pipeline) and turns a refusal into a gRPC status with the error's kind in
+trailing metadata (unary) or into `Result.error` (stream); see cloud_service.errors. Without a gRPC
+context (a deployment handle call) a refusal is raised.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cloud_service import errors
 from cloud_service.grpc_api import pb
+from cloud_service.health import HealthCheckResponse, Readiness, UnknownService
 from cloud_service.pipeline import Backends, Pipeline
 from cloud_service.settings import CloudSettings
 
@@ -45,6 +47,10 @@ class Ingress:
             score_many=lambda items, texts: scorer.score_many.remote(items, texts),
         )
         self.pipeline = Pipeline(s, backends)
+        # Health: each downstream deployment answers its cheapest call (stats(): no model run).
+        self.readiness = Readiness(
+            {"VisionTail": tail.stats.remote, "TextEncoder": text.stats.remote, "Scorer": scorer.stats.remote}
+        )
         log.info(
             "ingress for bundle %s (%d blocks), auth %s, redis %s",
             self.pipeline.bundle_id,
@@ -83,6 +89,13 @@ class Ingress:
 
     async def Hello(self, request: pb.HelloRequest, grpc_context: Any = None) -> pb.HelloResponse:
         return await self._unary("Hello", grpc_context, pb.HelloResponse(), self.pipeline.hello, request)
+
+    async def Check(self, request: Any, grpc_context: Any = None) -> Any:
+        """grpc.health.v1 Check. No token: Kubernetes' gRPC probe sends no metadata."""
+        try:
+            return await self.readiness.check(request.service)
+        except UnknownService as e:
+            return errors.refuse(grpc_context, errors.not_found(str(e)), HealthCheckResponse())
 
     async def _unary(
         self, name: str, grpc_context: Any, empty: M, call: Callable[[Any], Awaitable[M]], request: Any
