@@ -1,5 +1,6 @@
-"""deploy/k8s/edge-daemonset.yaml: its command parses with our CLI, it uses real settings and secrets,
-and the node it describes runs (no crash loop) on a cluster without the optional TLS Secret."""
+"""The edge DaemonSet of deploy/k8s/base: its command parses with our CLI, it uses real edge settings,
+and the node it describes runs (no crash loop) on a cluster without the optional TLS Secret.
+(Rendering, validation and references of all the manifests: tests/deploy/test_k8s.py.)"""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from splitclip.cli import build_parser
 from splitclip.settings import SettingsError, env_name
 from tests.edge.conftest import PROMPTS
 
-K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "base"
 NODE_NAME = "edge-host-1"
 
 
@@ -29,7 +30,7 @@ def _docs(name: str) -> list[dict]:
 
 
 def _rendered() -> dict[tuple[str, str], dict]:
-    """What `kubectl apply -k deploy/k8s` would apply (the kustomization's files when kubectl is missing)."""
+    """What `kubectl kustomize deploy/k8s/base` renders (the kustomization's files when kubectl is missing)."""
     if shutil.which("kubectl"):
         out = subprocess.run(
             ["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, check=True, timeout=120
@@ -95,14 +96,6 @@ def test_daemonset_command_parses_and_settings_exist() -> None:
         assert name in known, f"{name} is not an edge setting"
     labels = config["data"]["labels.txt"].splitlines()
     assert labels and all(line.strip() for line in labels)
-
-
-def test_daemonset_mounts_the_cloud_token_secret() -> None:
-    secret_names = {d["metadata"]["name"] for d in _docs("secret.yaml") if d["kind"] == "Secret"}
-    _, ds = _docs("edge-daemonset.yaml")
-    volumes = ds["spec"]["template"]["spec"]["volumes"]
-    token = next(v for v in volumes if v["name"] == "token")
-    assert token["secret"]["secretName"] in secret_names
 
 
 def test_the_node_runs_without_its_tls_secret(
