@@ -22,11 +22,11 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "serve_conf
 # shared-memory object store (a put, a pin and a release per object, CPU in the raylet and both
 # workers). The default, 100 KiB, sends every lossless ViT-B/32 frame (50 x 768 fp32 = 154 KB) through
 # the store twice (proxy -> ingress, ingress -> tail). The cluster sets the same value with the
-# environment variable RAY_max_direct_call_object_size (deploy/k8s/rayservice.yaml).
+# environment variable RAY_max_direct_call_object_size (deploy/k8s/base/rayservice.yaml).
 RAY_SYSTEM_CONFIG: dict[str, Any] = {"max_direct_call_object_size": 8 << 20}
 
 # Ray Serve's per-request path, trimmed (the same variables are on the Ray containers in
-# deploy/k8s/rayservice.yaml; they must reach every Ray process, the proxy included):
+# deploy/k8s/base/rayservice.yaml; they must reach every Ray process, the proxy included):
 SERVE_ENV: dict[str, str] = {
     # run replica code on the replica's own event loop, not on a second thread it hands over to
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",

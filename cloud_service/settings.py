@@ -34,6 +34,9 @@ class CloudSettings:
     max_prompt_chars: int = 300
     max_templates: int = 16
     tail_threads: int = 0  # ONNX Runtime intra-op threads of a vision tail replica (0 = ORT default)
+    # ONNX Runtime execution providers of the vision tail, in order, comma-separated ("" = CPU), e.g.
+    # CUDAExecutionProvider,CPUExecutionProvider on a GPU worker (needs onnxruntime-gpu in the image)
+    ort_providers: str = ""
     text_threads: int = 1  # ONNX Runtime intra-op threads of a text encoder replica
     stream_max_inflight: int = 128  # frames of one bidi stream processed concurrently (backpressure above)
     heartbeat_interval_s: float = 10.0  # nodes re-send Hello this often; the registry TTL is 3x this

@@ -34,10 +34,15 @@ _NOT_RUN = RuntimeError("frame was not run")
 class TailCore:
     """Runs a list of (cut, tensor) frames with as few ORT calls as shapes allow."""
 
-    def __init__(self, bundle: str, threads: int, *, spinning: bool | None = False) -> None:
+    def __init__(
+        self, bundle: str, threads: int, *, spinning: bool | None = False, providers: str = ""
+    ) -> None:
         # Idle ORT workers spin by default: on a small box that steals the CPU the proxy, the
         # ingress and the batch collector need between batches. threads 0 = ORT's default.
-        self.runtime = BundleRuntime(bundle, threads=threads or None, spinning=spinning)
+        names = [p.strip() for p in providers.split(",") if p.strip()]
+        self.runtime = BundleRuntime(
+            bundle, threads=threads or None, spinning=spinning, providers=names or None
+        )
         self.runtime.warmup(text=False)
         self.tower = Tower(self.runtime)
         self.num_blocks = self.runtime.num_blocks
@@ -77,7 +82,7 @@ class VisionTail:
     def __init__(self, settings: dict[str, Any]) -> None:
         s = CloudSettings.load(settings)
         self.metrics = Metrics()
-        self.core = TailCore(s.bundle, s.tail_threads)
+        self.core = TailCore(s.bundle, s.tail_threads, providers=s.ort_providers)
         # One ORT run at a time, on everything that queued up meanwhile (at most max_batch_size).
         self.runs: Coalescer[tuple[int, np.ndarray], NDArray[np.float32]] = Coalescer(
             self._run_ort, s.max_batch_size, concurrency=1

@@ -8,7 +8,6 @@ import logging
 import re
 from pathlib import Path
 
-import jsonschema
 import numpy as np
 import pytest
 import yaml
@@ -22,8 +21,6 @@ from splitclip.runtime import BundleRuntime
 from splitclip.tower import Tower
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMA = ROOT / "tests" / "fixtures" / "kuberay" / "ray.io_rayservices.yaml"  # vendored, see its README
-K8S = ROOT / "deploy" / "k8s"
 
 
 # -- settings ----------------------------------------------------------------------------------
@@ -157,7 +154,7 @@ def test_redis_store_without_url_is_a_no_op():
     assert not store.configured and asyncio.run(store.call("get", lambda r: r.get("x"))) is None
 
 
-# -- manifests ---------------------------------------------------------------------------------
+# -- the Serve config (the Kubernetes manifests: tests/deploy/test_k8s.py) ----------------------
 
 
 def test_serve_config_is_a_valid_serve_deploy_schema():
@@ -168,47 +165,10 @@ def test_serve_config_is_a_valid_serve_deploy_schema():
     app = schema.applications[0]
     assert app.route_prefix == "/" and app.import_path == "cloud_service.app:build"
     assert schema.grpc_options.grpc_servicer_functions == [
-        "cloud_service.grpc_api.add_SplitClipServicer_to_server"
+        "cloud_service.grpc_api.add_SplitClipServicer_to_server",
+        "cloud_service.grpc_api.add_HealthServicer_to_server",
     ]
     CloudSettings.load(app.args, env={})  # every arg is a known setting of the right type
-
-
-def test_rayservice_validates_against_the_crd_and_embeds_the_serve_config():
-    crd = yaml.safe_load(SCHEMA.read_text())
-    v1 = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    manifest = yaml.safe_load((K8S / "rayservice.yaml").read_text())
-    jsonschema.validate(manifest, v1["schema"]["openAPIV3Schema"])
-    assert manifest["kind"] == "RayService" and manifest["apiVersion"] == "ray.io/v1"
-    embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
-    assert embedded == yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
-
-
-def test_k8s_config_secret_and_redis_reference_each_other():
-    docs = {}
-    for name in ("configmap.yaml", "secret.yaml", "redis.yaml"):
-        for d in yaml.safe_load_all((K8S / name).read_text()):
-            docs[(d["kind"], d["metadata"]["name"])] = d
-    cm = docs[("ConfigMap", "splitclip-cloud-config")]
-    assert cm["data"]["SPLITCLIP_REDIS_URL"].startswith("redis://splitclip-redis:")
-    assert ("Service", "splitclip-redis") in docs and ("Deployment", "splitclip-redis") in docs
-    assert "SPLITCLIP_NODE_TOKEN" in docs[("Secret", "splitclip-node-token")]["stringData"]
-    ray_text = (K8S / "rayservice.yaml").read_text()
-    assert "splitclip-cloud-config" in ray_text and "splitclip-node-token" in ray_text
-    for key in cm["data"]:
-        if key.startswith("SPLITCLIP_"):
-            CloudSettings.load(env={key: cm["data"][key]})
-
-
-def test_rayservice_containers_carry_the_local_ray_and_serve_environment():
-    from cloud_service.launch import RAY_SYSTEM_CONFIG, SERVE_ENV
-
-    want = {f"RAY_{k}": str(v) for k, v in RAY_SYSTEM_CONFIG.items()} | SERVE_ENV
-    spec = yaml.safe_load((K8S / "rayservice.yaml").read_text())["spec"]["rayClusterConfig"]
-    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
-    for g in groups:
-        for c in g["template"]["spec"]["containers"]:
-            env = {e["name"]: e["value"] for e in c.get("env", [])}
-            assert {k: env.get(k) for k in want} == want, c["name"]
 
 
 def test_a_payload_limit_above_the_proxy_hop_limit_is_warned_about(monkeypatch, caplog) -> None:
@@ -224,3 +184,15 @@ def test_a_payload_limit_above_the_proxy_hop_limit_is_warned_about(monkeypatch, 
         monkeypatch.setenv("RAY_SERVE_PROXY_USE_GRPC", "0")  # actor calls: no such limit
         _warn_if_the_proxy_hop_is_smaller(64 << 20)
         assert caplog.text == ""
+
+
+def test_the_vision_tail_takes_its_onnx_runtime_providers_from_a_setting(tiny_bundle_dir) -> None:
+    """SPLITCLIP_ORT_PROVIDERS (the prod overlay's CUDA setting) reaches the tail's sessions, in order;
+    unset is CPU. (The CPU wheel here also has the Azure provider, which stands in for CUDA.)"""
+    from cloud_service.vision_tail import TailCore
+
+    env = {"SPLITCLIP_ORT_PROVIDERS": "AzureExecutionProvider, CPUExecutionProvider"}
+    s = CloudSettings.load({"bundle": str(tiny_bundle_dir)}, env=env)
+    core = TailCore(s.bundle, 1, providers=s.ort_providers)
+    assert core.runtime._providers == ["AzureExecutionProvider", "CPUExecutionProvider"]
+    assert TailCore(s.bundle, 1).runtime._providers == ["CPUExecutionProvider"]
