@@ -33,3 +33,13 @@ demo: install
 
 clean:
 	rm -rf $(VENV) bundles scratch .pytest_cache .ruff_cache .mypy_cache
+
+# Container images (podman; not part of `make test`): docs/images.md.
+.PHONY: images image-test
+images:
+	deploy/images/build.sh
+
+# builds both images, then a frame in split mode through the cloud container and one answered locally
+# after it is stopped; needs the demo bundle (`make demo`)
+image-test:
+	deploy/images/image-test.sh
