@@ -29,6 +29,17 @@ from redis.exceptions import RedisError
 
 from splitclip.prompts import normalise
 
+
+def redacted(url: str) -> str:
+    """The URL as logs may show it: a password (redis://:PASSWORD@host, as the Kubernetes pods build it) hidden."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = creds.partition(":")[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
 log = logging.getLogger("splitclip.cloud.cache")
 PREFIX = "splitclip:v1:"
 T = TypeVar("T")
@@ -89,12 +100,16 @@ class RedisStore:
             self._next_try = time.monotonic() + self.retry_s
             if self._down_since is None:
                 self._down_since = now
-                log.warning("redis at %s unavailable (%s: %s); serving without the cache", self.url, op, e)
+                log.warning(
+                    "redis at %s unavailable (%s: %s); serving without the cache", redacted(self.url), op, e
+                )
             if self._on_error:
                 self._on_error(op)
             return None
         if self._down_since is not None:
-            log.warning("redis at %s is back after %.1f s; cache enabled", self.url, now - self._down_since)
+            log.warning(
+                "redis at %s is back after %.1f s; cache enabled", redacted(self.url), now - self._down_since
+            )
             self._down_since = None
         return result
 

@@ -19,6 +19,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cloud_service import errors
+from cloud_service.cache import redacted
 from cloud_service.grpc_api import pb
 from cloud_service.health import HealthCheckResponse, Readiness, UnknownService
 from cloud_service.pipeline import Backends, Pipeline
@@ -56,7 +57,7 @@ class Ingress:
             self.pipeline.bundle_id,
             self.pipeline.num_blocks,
             "on" if self.pipeline.auth.enabled else "off",
-            s.redis_url or "off",
+            redacted(s.redis_url) or "off",
         )
 
     async def Classify(self, frame: pb.Frame, grpc_context: Any = None) -> pb.Result:

@@ -16,7 +16,7 @@ from typing import Any
 import redis
 from redis.exceptions import RedisError
 
-from cloud_service.cache import PREFIX, RedisStore
+from cloud_service.cache import PREFIX, RedisStore, redacted
 from splitclip.errors import SplitclipError
 
 NODE_PREFIX = f"{PREFIX}node:"
@@ -90,7 +90,7 @@ def list_nodes(redis_url: str, *, timeout_s: float = 2.0) -> list[NodeInfo]:
             pipe.pttl(k)
         replies = pipe.execute()
     except (RedisError, OSError) as e:
-        raise RegistryError(f"node registry at {redis_url} unreadable: {e}") from None
+        raise RegistryError(f"node registry at {redacted(redis_url)} unreadable: {e}") from None
     finally:
         client.close()
     nodes = []

@@ -196,3 +196,26 @@ def test_the_vision_tail_takes_its_onnx_runtime_providers_from_a_setting(tiny_bu
     core = TailCore(s.bundle, 1, providers=s.ort_providers)
     assert core.runtime._providers == ["AzureExecutionProvider", "CPUExecutionProvider"]
     assert TailCore(s.bundle, 1).runtime._providers == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cret@splitclip-redis:6379/0", "redis://:***@splitclip-redis:6379/0"),
+        ("redis://default:s3cret@h:1", "redis://default:***@h:1"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+        ("", ""),
+    ],
+)
+def test_logs_never_show_the_redis_password(url: str, shown: str) -> None:
+    """The Kubernetes pods put the Secret's password into SPLITCLIP_REDIS_URL; the logs show the rest."""
+    from cloud_service.cache import redacted
+
+    assert redacted(url) == shown
+
+
+def test_a_redis_outage_warning_hides_the_password(caplog) -> None:
+    store = RedisStore("redis://:s3cret@127.0.0.1:1/0", timeout_s=0.2)
+    with caplog.at_level(logging.WARNING, logger="splitclip.cloud"):
+        assert asyncio.run(store.call("get", lambda r: r.get("x"))) is None
+    assert "unavailable" in caplog.text and "s3cret" not in caplog.text and ":***@127.0.0.1:1" in caplog.text
