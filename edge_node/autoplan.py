@@ -316,27 +316,27 @@ class AutoPlanner:
             self._local_frames += 1
             if self._local_frames >= self._explore_every:
                 # one real frame to learn about the link and the cloud (a cut < L, so the cloud computes)
-                remote = [
-                    c for _, c in self.ranked() if not c.is_local and c.cloud_compute_ms > 0.5 * self.block_ms
-                ]
-                if remote:
-                    self._fresh = True
+                remote = self._first(lambda c: not c.is_local and c.cloud_compute_ms > 0.5 * self.block_ms)
+                if remote is not None:
                     self._local_frames = 0
                     self._explore_every = min(2 * self._explore_every, self.policy.explore_max)
-                    return remote[0]
+                    return remote
         elif self.current.payload_bytes < self.policy.thin_bytes:
             # its frames are too small to show the bandwidth: now and then one of a larger plan does
             self._thin_frames += 1
             if self._thin_frames >= self._thin_every:
-                big = [
-                    c for _, c in self.ranked() if c.payload_bytes >= 8 * max(self.current.payload_bytes, 512)
-                ]
-                if big:
-                    self._fresh = True
+                big = self._first(lambda c: c.payload_bytes >= 8 * max(self.current.payload_bytes, 512))
+                if big is not None:
                     self._thin_frames = 0
                     self._thin_every = min(2 * self._thin_every, self.policy.explore_max)
-                    return big[0]
+                    return big
         return self.current
+
+    def _first(self, wanted: Callable[[Candidate], bool]) -> Candidate | None:
+        """The fastest predicted plan that `wanted` accepts, as an exploring frame (its answer is fresh)."""
+        pick = next((c for _, c in self.ranked() if wanted(c)), None)
+        self._fresh = self._fresh or pick is not None
+        return pick
 
     def _switch(self, to: Candidate) -> None:
         log.info(
