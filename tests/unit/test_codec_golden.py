@@ -79,6 +79,15 @@ def _ulps(got: np.ndarray, want: np.ndarray) -> str:
     return f"{int((diff > 0).sum())} values differ, by up to {int(diff.max())} ulp"
 
 
+def _assert_matmul_rounding(got: np.ndarray, want: np.ndarray, *, terms: int) -> None:
+    """Equal up to the rounding of a float32 dot product of `terms` terms (the classic bound
+    terms * eps * sum|a_i b_i|, here taken against the largest output, loose by design)."""
+    assert got.dtype == want.dtype == np.float32 and got.shape == want.shape, _ulps(got, want)
+    atol = terms * float(np.finfo(np.float32).eps) * float(np.abs(want).max())
+    err = float(np.abs(got.astype(np.float64) - want).max())
+    assert err <= atol, f"{_ulps(got, want)}; max error {err:.3g} > {atol:.3g}, more than rounding"
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c["case"])
 def test_golden_payload_decodes_to_the_stored_array(case: dict[str, Any]) -> None:
     if changed := _changed(case, {"jpeg"}):  # zstd and PNG decoding are exact across versions
@@ -92,9 +101,14 @@ def test_golden_payload_decodes_to_the_stored_array(case: dict[str, Any]) -> Non
         case["decoded_preset"],
     )
     assert d.array.dtype == want.dtype and d.array.shape == want.shape
-    # bit for bit (tobytes also tells -0.0 from 0.0); the klt presets end in a float32 matmul, which
-    # another BLAS kernel could round differently in the last bit: the ulp count says if that is all
-    assert d.array.tobytes() == want.tobytes(), _ulps(d.array, want)
+    if case["calibration"] and want.dtype == np.float32:  # a hidden state, not a cut-0 image
+        # the klt presets end in a float32 matmul (coefficients x basis), which BLAS rounds by the
+        # kernel it picks for the CPU (seen: an AVX-512 EPYC differs from the fixture's machine by
+        # 1-2e-6 on values near 7.6): the wire format is the same when only that rounding moves
+        _assert_matmul_rounding(d.array, want, terms=d.array.shape[-1])
+    else:
+        # bit for bit (tobytes also tells -0.0 from 0.0)
+        assert d.array.tobytes() == want.tobytes(), _ulps(d.array, want)
     index = ARRAYS.get(f"token_index__{name}")
     if index is None:
         assert d.token_index is None
