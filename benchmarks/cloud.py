@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cloud_cpu import MixCpu, nice_by_role, raw_cpu_at_sizes, tail_share
+
 HELP = "whole-path gRPC throughput vs raw ONNX Runtime tail"
 
 DESCRIPTION = __doc__.split("\n", 2)[2] if __doc__ else ""
@@ -314,6 +316,7 @@ def run(args: argparse.Namespace) -> int:
     launch.init_ray(args.num_cpus, log_to_driver=False)
     rows: list[Point] = []
     hist: dict[int, int] = {}
+    nices: dict[str, set[int]] = {}
     groups: dict[int, int] = {}
     try:
         port = base["grpc_options"]["port"]
@@ -339,6 +342,7 @@ def run(args: argparse.Namespace) -> int:
             rows.append(point(c, f"whole path, {c} clients"))
             hist = tail.stats.remote().result()["batch_sizes"]
             groups = ingress.stats.remote().result()["batch_sizes"]
+        nices = nice_by_role(_role)
         if not args.no_stream:
             rows.append(point(counts[-1], f"whole path, 1 bidi stream, {counts[-1]} frames in flight", True))
         if not args.no_unbatched:
@@ -357,7 +361,11 @@ def run(args: argparse.Namespace) -> int:
         raw(mbs, threads, False, f"raw ORT tail, batch {mbs}, tail settings, after the whole path")
     )
 
-    text = report(args, setup, raw_rows, rows, hist, groups, counts[-1], mbs)
+    # ORT alone at the batch sizes the tail ran at the top client count, on the idle cores
+    mix = raw_cpu_at_sizes(bundle, args.cut, decoded, hist, threads, max(1.0, raw_d / 2), also=(mbs,))
+    print(f"raw ORT CPU per frame at the tail's batch sizes: {mix.ms_per_frame:.1f} ms", flush=True)
+
+    text = report(args, setup, raw_rows, rows, hist, groups, counts[-1], mbs, mix, nices)
     print("\n" + text)
     if args.out:
         Path(args.out).write_text(text)
@@ -378,6 +386,8 @@ def report(
     groups: dict[int, int],
     top: int,
     mbs: int,
+    mix: MixCpu | None = None,
+    nices: dict[str, set[int]] | None = None,
 ) -> str:
     ceiling = [p for p in raw_rows if p.name.startswith(f"raw ORT tail, batch {mbs}, tail settings")]
     pooled = [r for p in ceiling for r in p.runs]
@@ -437,6 +447,14 @@ def report(
             return 1e3 * v / p.frames
 
         lines.append(f"| {r} | " + " | ".join(f"{ms(p):.1f}" for p in shown) + " |")
+    if main and main.frames and mix and mix.ms_per_frame:
+        lines += tail_cpu_lines(main, mix, top, mbs)
+    if nices:
+        shown_nice = [f"{r} {'/'.join(map(str, sorted(nices[r])))}" for r in _ROLE_ORDER if r in nices]
+        lines += [
+            "",
+            "Niceness during the whole path (Ray starts its workers at 15): " + ", ".join(shown_nice),
+        ]
     busy = max((p.cpu.get("other processes", 0.0) / p.seconds for p in shown if p.seconds), default=0.0)
     lines += [
         "",
@@ -452,6 +470,39 @@ def report(
         "",
     ]
     return "\n".join(head + lines) + "\n"
+
+
+def tail_cpu_lines(main: Point, mix: MixCpu, top: int, mbs: int) -> list[str]:
+    """The VisionTail's CPU per frame against ORT alone at the same batch sizes, and where the rest
+    of the whole path's gap to raw goes."""
+    tail_ms = 1e3 * main.cpu.get("VisionTail", 0.0) / main.frames
+    total_ms = 1e3 * sum(main.cpu.values()) / main.frames
+    at_mbs = mix.per_size_ms.get(mbs, 0.0)
+    lines = [
+        "",
+        f"VisionTail CPU per frame at {top} clients vs ORT alone (same threads, same cut, in one process "
+        "on the idle cores after the whole path):",
+        "",
+        "| batch size | frames the tail ran at it | raw ORT CPU ms per frame |",
+        "|---:|---:|---:|",
+    ]
+    lines += [f"| {s} | {mix.weights.get(s, 0)} | {ms:.1f} |" for s, ms in sorted(mix.per_size_ms.items())]
+    lines += [
+        "",
+        f"- VisionTail, measured: **{tail_ms:.1f} ms** CPU per frame; raw ORT at the same batch sizes "
+        f"(weighted by frames): **{mix.ms_per_frame:.1f} ms**; ratio tail / raw at the same sizes: "
+        f"**{tail_ms / mix.ms_per_frame:.2f}**",
+    ]
+    if at_mbs:
+        lines.append(
+            f"- what the smaller batches cost: raw at the tail's sizes / raw at batch {mbs} = "
+            f"{mix.ms_per_frame / at_mbs:.2f}"
+        )
+    lines.append(
+        f"- the tail's share of the whole path's CPU: {tail_share(main.cpu):.0%} "
+        f"({tail_ms:.1f} of {total_ms:.1f} ms per frame; the rest is proxy, ingress, scorer, Ray and the client)"
+    )
+    return lines
 
 
 def _cli(argv: list[str] | None = None, runner: Callable[[argparse.Namespace], int] = run) -> int:

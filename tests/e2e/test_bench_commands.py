@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,4 +91,8 @@ def test_bench_cloud_prints_the_comparison(tiny_bundle_dir: Path, tmp_path: Path
         assert row in names, (row, names)
     assert "Batching speed-up at 2 clients" in md and "Whole path at 2 clients / raw ORT tail" in md
     assert "| VisionTail |" in md and "| proxy |" in md  # the CPU-per-frame table found the processes
+    # the tail against ORT alone at the batch sizes it ran, and the workers' niceness
+    m = re.search(r"ratio tail / raw at the same sizes: \*\*([0-9.]+)\*\*", md)
+    assert m and float(m.group(1)) > 0, md
+    assert re.search(r"Niceness during the whole path.*VisionTail \d+", md), md
     assert "whole path, 2 clients" in stdout
