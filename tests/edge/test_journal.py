@@ -1,0 +1,132 @@
+"""edge_node.journal: the offline journal keeps frames in order across restarts, and the uploader
+drains it oldest first, at its rate, keeping what the cloud did not acknowledge. The receiving side
+here is a dict keyed like the cloud's store (bundle, node, frame); the real store is tested in
+tests/cloud/."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_node.journal import Entry, Journal, Uploader
+
+
+def entry(i: int, bundle: str = "b-1") -> Entry:
+    v = np.random.default_rng(i).standard_normal(8).astype(np.float32)
+    return Entry(
+        bundle,
+        f"boot-{i:04d}",
+        1000.0 + i,
+        f"cam/{i}.png",
+        ("red circle", "blue square"),
+        v / np.linalg.norm(v),
+    )
+
+
+def test_entries_come_back_oldest_first_with_every_field(tmp_path) -> None:
+    j = Journal(tmp_path / "j.sqlite")
+    for i in (3, 1, 2):
+        assert j.add(entry(i))
+    got = j.oldest(10)
+    assert [e.frame_key for e in got] == [
+        "boot-0003",
+        "boot-0001",
+        "boot-0002",
+    ]  # arrival order, not key order
+    e, want = got[1], entry(1)
+    assert (e.bundle_id, e.ts, e.source, e.labels) == (want.bundle_id, want.ts, want.source, want.labels)
+    assert np.array_equal(e.embedding, want.embedding) and e.embedding.dtype == np.float32
+    j.close()
+
+
+def test_a_frame_is_kept_once_and_survives_a_restart(tmp_path) -> None:
+    path = tmp_path / "j.sqlite"
+    j = Journal(path)
+    assert j.add(entry(1)) and not j.add(entry(1))  # the same frame twice is one entry
+    assert j.add(entry(1, bundle="b-2"))  # another bundle's frame 1 is another frame
+    j.close()
+    j = Journal(path)  # the node restarted
+    assert len(j) == 2
+    j.ack(j.oldest(1))
+    assert [e.bundle_id for e in j.oldest(10)] == ["b-2"]
+    j.close()
+
+
+def test_a_full_journal_refuses_and_counts(tmp_path) -> None:
+    j = Journal(tmp_path / "j.sqlite", max_entries=3)
+    assert [j.add(entry(i)) for i in range(5)] == [True, True, True, False, False]
+    assert len(j) == 3 and j.dropped == 2
+    j.close()
+
+
+class Store:
+    """Idempotent on (bundle, frame), like the cloud's store; can fail a number of sends or lose
+    the acknowledgement of one (stored, but the node never hears it)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], Entry] = {}
+        self.order: list[str] = []
+        self.fail = 0
+        self.lose_ack = 0
+
+    def send(self, batch: list[Entry]) -> None:
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionError("cloud unavailable")
+        for e in batch:
+            if (e.bundle_id, e.frame_key) not in self.rows:
+                self.rows[(e.bundle_id, e.frame_key)] = e
+                self.order.append(e.frame_key)
+        if self.lose_ack:
+            self.lose_ack -= 1
+            raise TimeoutError("deadline exceeded")
+
+
+def test_the_uploader_sends_oldest_first_in_batches_and_stops_at_a_failure(tmp_path) -> None:
+    j, store = Journal(tmp_path / "j.sqlite"), Store()
+    for i in range(10):
+        j.add(entry(i))
+    up = Uploader(j, store.send, batch=4, rate_per_s=1e9)
+    store.fail = 1
+    assert up.drain() == 0 and len(j) == 10 and up.stats.failures == 1
+    assert "cloud unavailable" in up.stats.last_error
+    assert up.drain() == 10 and len(j) == 0
+    assert store.order == [f"boot-{i:04d}" for i in range(10)]
+    assert [n for _, n in up.stats.log] == [4, 4, 2]
+    j.close()
+
+
+def test_a_lost_acknowledgement_resends_and_the_store_still_has_each_frame_once(tmp_path) -> None:
+    j, store = Journal(tmp_path / "j.sqlite"), Store()
+    for i in range(6):
+        j.add(entry(i))
+    up = Uploader(j, store.send, batch=3, rate_per_s=1e9)
+    store.lose_ack = 1
+    assert up.drain() == 0 and len(j) == 6  # stored, but the node cannot know: it keeps them
+    assert up.drain() == 6 and len(j) == 0
+    assert sorted(store.order) == [f"boot-{i:04d}" for i in range(6)]  # each once
+
+
+def test_the_rate_limit_spaces_batches_by_their_share_of_time(tmp_path) -> None:
+    j, store = Journal(tmp_path / "j.sqlite"), Store()
+    for i in range(100):
+        j.add(entry(i))
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    up = Uploader(j, store.send, batch=10, rate_per_s=50.0, clock=lambda: now[0], sleep=sleep)
+    assert up.drain() == 100
+    assert slept == pytest.approx([0.2] * 9)  # 10 entries at 50/s; no wait after the last batch
+    assert up.drain(max_batches=1) == 0
+
+
+def test_bad_uploader_settings_are_refused(tmp_path) -> None:
+    j = Journal(tmp_path / "j.sqlite")
+    with pytest.raises(ValueError, match="batch must be"):
+        Uploader(j, lambda b: None, batch=0)
+    with pytest.raises(ValueError, match="rate_per_s"):
+        Uploader(j, lambda b: None, rate_per_s=0)
