@@ -13,7 +13,8 @@ clash, and their `__module__` is this module, so the proxy can pickle a request 
 Verdict (`Readiness`): the ingress answering at all means its pipeline is built (bundle loaded), the
 same condition `Hello` rests on; on top of that each downstream deployment must answer a cheap call
 (no model run) within `timeout_s`. Redis is not asked: the service runs without it (cloud_service.cache).
-This module imports only grpc and protobuf, so `splitclip cloud probe` (`probe`) starts fast.
+This module imports only grpc and protobuf (and cloud_service.lenient, which imports no more), so
+`splitclip cloud probe` (`probe`) starts fast.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from cloud_service.lenient import add_service
 
 log = logging.getLogger("splitclip.cloud.health")
 
@@ -90,16 +93,10 @@ def status_name(status: int) -> str:
 
 def add_HealthServicer_to_server(servicer: Any, server: Any) -> None:
     """Register grpc.health.v1.Health on `server`, as generated `add_*Servicer_to_server` do (Serve's
-    proxy passes a placeholder servicer and replaces every handler with its route to the ingress)."""
-    handlers = {
-        "Check": grpc.unary_unary_rpc_method_handler(
-            servicer.Check,
-            request_deserializer=HealthCheckRequest.FromString,
-            response_serializer=HealthCheckResponse.SerializeToString,
-        )
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    proxy passes a placeholder servicer and replaces every handler with its route to the ingress);
+    requests parse leniently (cloud_service.lenient)."""
+    messages = {"HealthCheckRequest": HealthCheckRequest, "HealthCheckResponse": HealthCheckResponse}
+    add_service(servicer, server, DESCRIPTOR.services_by_name["Health"], messages)
 
 
 class UnknownService(LookupError):

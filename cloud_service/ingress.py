@@ -4,7 +4,8 @@ Serve's gRPC proxy calls the method whose name equals the RPC name (protos/split
 `Check` of grpc.health.v1: cloud_service.health). Each SplitClip handler authenticates, runs the
 pipeline (cloud_service.pipeline) and turns a refusal into a gRPC status with the error's kind in
 trailing metadata (unary) or into `Result.error` (stream); see cloud_service.errors. Without a gRPC
-context (a deployment handle call) a refusal is raised.
+context (a deployment handle call) a refusal is raised. A request whose bytes did not parse arrives
+as an `Unparsed` (cloud_service.lenient) and is refused with INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cloud_service import errors
 from cloud_service.cache import redacted
-from cloud_service.grpc_api import pb
+from cloud_service.grpc_api import Unparsed, pb
 from cloud_service.health import HealthCheckResponse, Readiness, UnknownService
 from cloud_service.pipeline import Backends, Pipeline
 from cloud_service.settings import CloudSettings
@@ -60,8 +61,8 @@ class Ingress:
             redacted(s.redis_url) or "off",
         )
 
-    async def Classify(self, frame: pb.Frame, grpc_context: Any = None) -> pb.Result:
-        empty = pb.Result(frame_id=frame.frame_id)
+    async def Classify(self, frame: pb.Frame | Unparsed, grpc_context: Any = None) -> pb.Result:
+        empty = pb.Result(frame_id=0 if isinstance(frame, Unparsed) else frame.frame_id)
         try:
             self.pipeline.authenticate(_metadata(grpc_context))
         except errors.ServiceError as e:
@@ -93,6 +94,8 @@ class Ingress:
 
     async def Check(self, request: Any, grpc_context: Any = None) -> Any:
         """grpc.health.v1 Check. No token: Kubernetes' gRPC probe sends no metadata."""
+        if isinstance(request, Unparsed):
+            return errors.refuse(grpc_context, errors.invalid(request.message), HealthCheckResponse())
         try:
             return await self.readiness.check(request.service)
         except UnknownService as e:
@@ -103,6 +106,8 @@ class Ingress:
     ) -> M:
         try:
             self.pipeline.authenticate(_metadata(grpc_context))
+            if isinstance(request, Unparsed):  # bytes that are no request message (cloud_service.lenient)
+                raise errors.invalid(request.message)
             return await call(request)
         except Exception as e:
             err = errors.from_exception(e)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from cloud_service import errors
 from cloud_service.auth import TokenAuth
 from cloud_service.batching import Coalescer
 from cloud_service.cache import PromptSets, RedisStore
-from cloud_service.grpc_api import pb
+from cloud_service.grpc_api import Unparsed, pb
 from cloud_service.metrics import Metrics
 from cloud_service.prompt_resolver import PromptResolver, Resolved, TextFn
 from cloud_service.registry import NodeInfo, NodeRegistry
@@ -52,6 +53,12 @@ class Backends:
     embed_many: TailFn  # VisionTail.embed_many
     encode_text: TextFn  # TextEncoder.encode
     score_many: ScoreFn  # Scorer.score_many
+
+
+def is_unit(embedding: Embedding) -> bool:
+    """A normalised embedding, as the tail returns it; not when normalising overflowed (NaN, Inf or zeros)."""
+    n = float(np.linalg.norm(embedding.astype(np.float64)))
+    return math.isfinite(n) and abs(n - 1.0) < 1e-3
 
 
 class Pipeline:
@@ -190,6 +197,11 @@ class Pipeline:
         (img, t_tail), (txt, t_text) = await asyncio.gather(
             timed(self.image_embedding(decoded, started)), timed(self.text_embeddings(prompts))
         )
+        if not is_unit(img):  # finite values the model (or the norm) overflows on, a zero embedding at cut L
+            raise errors.invalid(
+                f"payload: the tensor at cut {frame.cut} gives no usable image embedding "
+                "(values too large or too small for the model, or an all-zero embedding)"
+            )
         t_sc = time.perf_counter()
         probs, top = await self.score(img, prompts, txt, frame.top_k or DEFAULT_TOP_K)
         t_end = time.perf_counter()
@@ -217,8 +229,11 @@ class Pipeline:
             self.tail_ms_per_block += a * (per_block - self.tail_ms_per_block)
             self.queue_ms += a * (queue_ms - self.queue_ms)
 
-    async def answer(self, frame: pb.Frame) -> pb.Result | errors.ServiceError:
+    async def answer(self, frame: pb.Frame | Unparsed) -> pb.Result | errors.ServiceError:
         """The frame's Result, or the refusal; never raises (a bad frame must not hurt the replica)."""
+        if isinstance(frame, Unparsed):  # bytes that are no Frame (cloud_service.lenient)
+            self.metrics.frame(-1, "INVALID_ARGUMENT", frame.size)  # cut unknown
+            return errors.invalid(frame.message)
         self.inflight += 1
         self.metrics.local["max_inflight"] = max(self.metrics.local["max_inflight"], self.inflight)
         try:
@@ -235,7 +250,7 @@ class Pipeline:
         self.metrics.frame(frame.cut, status, len(frame.payload))
         return result
 
-    async def stream(self, frames: AsyncIterator[pb.Frame]) -> AsyncIterator[pb.Result]:
+    async def stream(self, frames: AsyncIterator[pb.Frame | Unparsed]) -> AsyncIterator[pb.Result]:
         """One result per frame, as they finish; a refused frame's result carries `error`."""
         # A stream is pulled one message at a time: each frame runs as its own task so that frames of
         # the same stream meet in the tail's batches. At most stream_max_inflight at once.
@@ -243,10 +258,11 @@ class Pipeline:
         slots = asyncio.Semaphore(self.s.stream_max_inflight)
         tasks: set[asyncio.Task[None]] = set()
 
-        async def one(frame: pb.Frame) -> None:
+        async def one(frame: pb.Frame | Unparsed) -> None:
             r = await self.answer(frame)  # never raises but CancelledError
-            if isinstance(r, errors.ServiceError):
-                r = pb.Result(frame_id=frame.frame_id, error=r.to_pb())
+            if isinstance(r, errors.ServiceError):  # frame_id 0: bytes that are no Frame carry none
+                frame_id = 0 if isinstance(frame, Unparsed) else frame.frame_id
+                r = pb.Result(frame_id=frame_id, error=r.to_pb())
             results.put_nowait(r)
 
         async def pump() -> None:
