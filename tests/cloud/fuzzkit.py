@@ -38,8 +38,8 @@ STREAM_METHOD = "/splitclip.v1.SplitClip/ClassifyStream"
 HEALTHY_SERVICES = ("", "splitclip.v1.SplitClip")
 TRIED: Counter[str] = Counter()  # inputs per category
 SEEN: Counter[str] = Counter()  # statuses answered
+# each test sets max_examples: the module (with its cloud's ~25 s start and stop) stays under a minute
 FUZZ = settings(
-    max_examples=40,
     deadline=None,
     derandomize=True,  # the same cases on every run (CI reproducible); no example database
     database=None,

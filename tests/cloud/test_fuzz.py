@@ -63,7 +63,7 @@ def api(cloud):
 
 
 def test_raw_bytes_and_mutated_protos_get_their_status(api):
-    @FUZZ
+    @settings(FUZZ, max_examples=200)
     @given(method=st.sampled_from(sorted(METHODS)), how=byte_mutations)
     def case(method: str, how: tuple[str, object]) -> None:
         raw = mutate_bytes(api.good_requests[method].SerializeToString(), how)
@@ -74,7 +74,7 @@ def test_raw_bytes_and_mutated_protos_get_their_status(api):
 
 
 def test_invalid_utf8_in_string_fields_is_invalid_argument(api):
-    @FUZZ
+    @settings(FUZZ, max_examples=60)
     @given(
         where=st.sampled_from([(m, n) for m, ns in sorted(STRING_FIELDS.items()) for n in ns]),
         text=st.tuples(odd_text, st.sampled_from(BAD_UTF8), odd_text),
@@ -91,7 +91,7 @@ def test_invalid_utf8_in_string_fields_is_invalid_argument(api):
 
 
 def test_frames_with_bad_fields_get_their_status(api):
-    @FUZZ
+    @settings(FUZZ, max_examples=200)
     @given(cut=st.integers(0, 8), changes=st.lists(frame_changes, min_size=1, max_size=3))
     def case(cut: int, changes: list[tuple[str, object]]) -> None:
         f = apply_frame_changes(api, api.good[cut % (api.L + 1)], changes)
@@ -106,7 +106,7 @@ def test_payload_headers_with_wrong_shapes_dtypes_and_ids_get_their_status(api):
     """Every header field set to an edge or random value (huge dims such as 2**31 tokens, unknown dtype,
     kind, flags and preset ids), with body_len and crc32 still right, so the field itself is judged."""
 
-    @FUZZ
+    @settings(FUZZ, max_examples=150)
     @given(
         cut=st.integers(0, 8),
         preset=st.sampled_from(["lossless", "fp16", "int8-prune50-zstd", "pca25-int4-zstd", "klt-q20-ans"]),
@@ -133,7 +133,7 @@ def test_payload_headers_with_wrong_shapes_dtypes_and_ids_get_their_status(api):
 def test_non_finite_and_extreme_values_get_their_status(api):
     """fp32 tensors (cut >= 1, `lossless`) with NaN, Inf or extreme finite values at random places."""
 
-    @FUZZ
+    @settings(FUZZ, max_examples=80)
     @given(
         cut=st.integers(1, 8),
         values=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(EXTREMES)), min_size=1, max_size=6),
@@ -174,7 +174,7 @@ def test_regression_tensors_the_model_cannot_normalise_are_invalid_argument(api)
 
 
 def test_text_hello_and_check_requests_with_bad_fields_get_their_status(api):
-    @FUZZ
+    @settings(FUZZ, max_examples=120)
     @given(recipe=other_changes)
     def case(recipe: tuple[str, list[tuple[str, object]]]) -> None:
         method, changes = recipe
@@ -197,7 +197,7 @@ def test_a_stream_of_good_and_bad_frames_answers_each_frame_once(api):
     """Frames that parse come back once each with their frame_id and expected status; bytes that are no
     Frame come back as one INVALID_ARGUMENT result each, with frame_id 0 (they carry none)."""
 
-    @settings(FUZZ, max_examples=12)
+    @settings(FUZZ, max_examples=40)
     @given(items=st.lists(stream_items, min_size=1, max_size=10))
     def case(items: list[tuple[str, object]]) -> None:
         raws, sent = [], {}
