@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cloud_cpu import MixCpu, nice_by_role, raw_cpu_at_sizes, tail_share
+from benchmarks.cloud_cpu import MixCpu, nice_by_role, processes, raw_cpu_at_sizes, tail_share
 
 HELP = "whole-path gRPC throughput vs raw ONNX Runtime tail"
 
@@ -90,19 +90,10 @@ def _role(pid: int, cmd: str) -> str:
 
 def cpu_snapshot() -> dict[int, tuple[str, float]]:
     """pid -> (role, CPU seconds so far) for every process on the machine (Linux /proc)."""
-    out: dict[int, tuple[str, float]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{d}/stat") as f:
-                st = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[int(d)] = (_role(int(d), cmd), (int(st[11]) + int(st[12])) / _TICK)
-    return out
+    return {
+        pid: (_role(pid, cmd), (int(st[11]) + int(st[12])) / _TICK)  # utime + stime
+        for pid, cmd, st in processes()
+    }
 
 
 def cpu_delta(a: dict[int, tuple[str, float]], b: dict[int, tuple[str, float]]) -> Counter[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,9 +58,8 @@ def raw_cpu_at_sizes(
     return out
 
 
-def nice_by_role(role_of: Any) -> dict[str, set[int]]:
-    """role -> the niceness values of its live processes (Linux /proc; field 19 of stat)."""
-    out: dict[str, set[int]] = {}
+def processes() -> Iterator[tuple[int, str, list[str]]]:
+    """(pid, command line, the fields of /proc/pid/stat after the name) of every live process."""
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -70,9 +70,15 @@ def nice_by_role(role_of: Any) -> dict[str, set[int]]:
                 st = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if not cmd:
-            continue  # kernel threads
-        out.setdefault(role_of(int(d), cmd), set()).add(int(st[16]))
+        yield int(d), cmd, st
+
+
+def nice_by_role(role_of: Any) -> dict[str, set[int]]:
+    """role -> the niceness values of its live processes (field 19 of stat)."""
+    out: dict[str, set[int]] = {}
+    for pid, cmd, st in processes():
+        if cmd:  # not a kernel thread
+            out.setdefault(role_of(pid, cmd), set()).add(int(st[16]))
     return out
 
 

@@ -47,6 +47,7 @@ from cloud_service.cluster_config import (
     render_config,
 )
 from cloud_service.launch import DEFAULT_CONFIG
+from splitclip.procs import session_members, signal_session
 
 __all__ = ["DEFAULT_DIR", "Cluster", "Node", "down", "render_config", "session_members", "up"]
 
@@ -178,7 +179,7 @@ class Cluster:
     def kill_node(self, name: str) -> None:
         """Sudden death: SIGKILL to the node's whole session (`ray start`, raylet, its workers, agents)."""
         node = next(n for n in self.nodes if n.name == name)
-        kill_session(node.pid, signal.SIGKILL)
+        signal_session(node.pid, signal.SIGKILL)
         _wait(lambda: not session_members(node.pid), 10, None)
         with contextlib.suppress(ChildProcessError, OSError):
             os.waitpid(node.pid, os.WNOHANG)
@@ -321,7 +322,7 @@ def down(directory: str | Path, grace_s: float = 10.0) -> list[str]:
             os.kill(sid, signal.SIGTERM)
     _wait(lambda: not any(session_members(s) for s in sessions), grace_s, None)
     for sid in [*sessions, c.redis_pid]:
-        kill_session(sid, signal.SIGKILL)
+        signal_session(sid, signal.SIGKILL)
     for sid in [*sessions, c.redis_pid]:
         _wait(lambda s=sid: not session_members(s), 10, None)
         with contextlib.suppress(ChildProcessError, OSError):
@@ -330,27 +331,6 @@ def down(directory: str | Path, grace_s: float = 10.0) -> list[str]:
     shutil.rmtree(c.temp_dir, ignore_errors=True)
     Path(c.dir, "state.json").unlink(missing_ok=True)
     return stopped
-
-
-def kill_session(sid: int, sig: signal.Signals) -> None:
-    for pid in session_members(sid):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
-
-
-def session_members(sid: int) -> list[int]:
-    """Live (non-zombie) processes of a session, from /proc (Ray gives each worker its own process group)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            out.append(int(d.name))
-    return out
 
 
 def _wait(cond: Any, timeout_s: float, error: str | None) -> bool:

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from splitclip.procs import session_members, signal_session
+
 READY_MARK = "gRPC on "
 
 
@@ -91,7 +93,7 @@ class CloudProcess:
         """Sudden death: SIGKILL to the cloud's whole process group."""
         if self.proc is None:
             return
-        _kill_session(self.proc.pid, signal.SIGKILL)
+        signal_session(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         _wait_session_gone(self.proc.pid, 10.0)
         self.proc = None
@@ -104,7 +106,7 @@ class CloudProcess:
             os.kill(self.proc.pid, signal.SIGTERM)  # the driver shuts Serve, Ray and Valkey down
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(grace_s)
-        _kill_session(self.proc.pid, signal.SIGKILL)  # whatever of the session is left
+        signal_session(self.proc.pid, signal.SIGKILL)  # whatever of the session is left
         self.proc.wait()
         _wait_session_gone(self.proc.pid, 10.0)
         self.proc = None
@@ -114,29 +116,6 @@ class CloudProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _kill_session(sid: int, sig: signal.Signals) -> None:
-    """Signal every process of the session: Ray puts each worker in a process group of its own."""
-    for pid in session_members(sid):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
-
-
-def session_members(sid: int) -> list[int]:
-    """Live (non-zombie) processes of a session, from /proc."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        state, session = fields[0], int(fields[3])  # state ppid pgrp session ...
-        if session == sid and state != "Z":
-            out.append(int(d.name))
-    return out
 
 
 def _wait_session_gone(sid: int, timeout_s: float) -> None:

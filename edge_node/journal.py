@@ -136,12 +136,14 @@ class Uploader:
 
     def drain(self, *, max_batches: int | None = None) -> int:
         """Upload until the journal is empty, a send fails, or `max_batches`; returns entries sent."""
-        sent = 0
-        done = 0
+        sent = done = 0
+        wait = 0.0  # the rate limit's pause, taken only when another batch follows
         while max_batches is None or done < max_batches:
             entries = self.journal.oldest(self.batch)
             if not entries:
                 break
+            if wait > 0:
+                self.sleep(wait)
             t0 = self.clock()
             try:
                 self.send(entries)
@@ -155,8 +157,6 @@ class Uploader:
             self.stats.sent += len(entries)
             self.stats.batches += 1
             self.stats.log.append((t0, len(entries)))
-            # the rate limit: this batch's share of time, less what sending it took already
+            # this batch's share of time, less what sending it took already
             wait = len(entries) / self.rate_per_s - (self.clock() - t0)
-            if wait > 0 and self.journal.oldest(1):
-                self.sleep(wait)
         return sent
