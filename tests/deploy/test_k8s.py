@@ -12,6 +12,7 @@ Ingress, resources on every container, GPU only in prod, and references that res
 from __future__ import annotations
 
 import copy
+import math
 import re
 import shutil
 import subprocess
@@ -264,6 +265,17 @@ def test_the_rayservice_autoscales_workers_and_serve_autoscales_the_vision_tail(
     assert "num_replicas" not in tail  # Serve refuses both
     assert 1 <= auto["min_replicas"] < auto["max_replicas"]
     assert 0 < auto["target_ongoing_requests"] <= tail["max_ongoing_requests"]
+
+
+def test_every_vision_tail_replica_up_to_max_replicas_can_be_asked_for() -> None:
+    """Serve asks for ceil(ongoing calls / target) replicas, and the Ingress keeps at most
+    ingress_calls_inflight calls to the tail per Ingress replica (a target of 64 never scaled)."""
+    app = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]
+    deployments = {d["name"]: d for d in app["deployments"]}
+    auto = deployments["VisionTail"]["autoscaling_config"]
+    calls = CloudSettings.load(app["args"], env={}).ingress_calls_inflight
+    most_ongoing = calls * deployments["Ingress"]["num_replicas"]
+    assert math.ceil(most_ongoing / auto["target_ongoing_requests"]) >= auto["max_replicas"] > 1
 
 
 def test_the_ray_containers_carry_the_local_ray_and_serve_environment() -> None:
