@@ -1,0 +1,151 @@
+"""The indexer (cloud_service/search/ingest.py) against a real embedded PostgreSQL: rows arrive in few
+COPYs, a batch sent again is stored once, a full queue drops (and counts) instead of blocking, and a
+real outage (the server stopped, then started again on the same data dir) loses only what did not
+fit in the queue."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud_service.search.embedded_pg import EmbeddedPostgres
+from cloud_service.search.ingest import Indexer, check_row, connect
+from cloud_service.search.store import FrameStore, Row
+
+DIM = 16
+T0 = 1_760_000_000.0
+
+
+def pg_dir() -> Path:
+    base = Path(tempfile.mkdtemp(prefix="splitclip-ingest-"))
+    base.chmod(0o755)  # as root the server runs as user pgserver, which must traverse it
+    return base
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[EmbeddedPostgres]:
+    base = pg_dir()
+    server = EmbeddedPostgres(base / "data").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def rows(bundle: str, n: int, start: int = 0, node: str = "n0") -> list[Row]:
+    rng = np.random.default_rng(start)
+    x = rng.standard_normal((n, DIM)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return [Row(bundle, node, start + i, T0 + start + i, "cam", ("cat",), x[i]) for i in range(n)]
+
+
+def count(url: str, bundle: str) -> int:
+    with FrameStore(url) as s:
+        s.migrate()
+        return s.count(bundle)
+
+
+def wait_for(pred, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def test_rows_arrive_in_few_copies_and_a_resent_batch_is_stored_once(pg: EmbeddedPostgres) -> None:
+    ix = Indexer(pg.url, "b-batch", DIM, batch_rows=256, batch_wait_s=1.0)
+    try:
+        batch = rows("b-batch", 600)
+        assert all(ix.offer(r) for r in batch)
+        assert ix.wait_idle(60)
+        s = ix.stats()
+        assert (s["written"], s["duplicates"], s["dropped"], s["queued"]) == (600, 0, 0, 0)
+        assert s["batches"] <= 4, s  # 256 + 256 + 88 (one more if the writer woke between offers)
+        assert s["store_up"] and s["write_errors"] == 0
+        assert count(pg.url, "b-batch") == 600
+
+        assert all(ix.offer(r) for r in batch)  # the same frames again: skipped by the store
+        assert ix.wait_idle(60)
+        s = ix.stats()
+        assert (s["written"], s["duplicates"]) == (600, 600)
+        assert count(pg.url, "b-batch") == 600
+    finally:
+        assert ix.close() == 0
+
+
+def test_bad_rows_are_refused_at_offer_and_never_block_a_batch(pg: EmbeddedPostgres) -> None:
+    ix = Indexer(pg.url, "b-bad", DIM, batch_wait_s=0.2)
+    try:
+        good = rows("b-bad", 3)
+        g = good[0]
+        bad = [
+            Row("b-bad", "n0", 10, T0, "cam", ("cat",), np.zeros(DIM, np.float32)),  # no unit vector
+            Row("b-bad", "n0", 11, T0, "cam", ("cat",), g.embedding[:8].copy()),  # wrong dim
+            Row("b-bad", "n0", 2**63, T0, "cam", ("cat",), g.embedding),  # beyond bigint
+            Row("b-bad", "n0", 12, float("nan"), "cam", ("cat",), g.embedding),
+            Row("b-bad", "n\x00", 13, T0, "cam", ("cat",), g.embedding),  # NUL: PostgreSQL refuses it
+            Row("b-other", "n0", 14, T0, "cam", ("cat",), g.embedding),
+        ]
+        assert [ix.offer(r) for r in [*bad, *good]] == [False] * len(bad) + [True] * 3
+        assert ix.wait_idle(60)
+        s = ix.stats()
+        assert (s["rejected"], s["written"], s["write_errors"]) == (len(bad), 3, 0)
+        assert check_row(bad[1], DIM) is not None and "float32 [16]" in str(check_row(bad[1], DIM))
+    finally:
+        ix.close()
+
+
+def test_a_full_queue_drops_and_counts_instead_of_blocking() -> None:
+    # Nothing listens on this socket dir: the store is down from the start.
+    url = "postgresql://postgres@/postgres?host=/nonexistent-splitclip-pg"
+    ix = Indexer(url, "b-full", DIM, queue_rows=50, retry_min_s=0.05)
+    try:
+        accepted = [ix.offer(r) for r in rows("b-full", 80)]  # returns although no write can succeed
+        assert accepted == [True] * 50 + [False] * 30
+        wait_for(lambda: ix.stats()["write_errors"] >= 1)
+        s = ix.stats()
+        assert (s["queued"], s["dropped"], s["written"], s["store_up"]) == (50, 30, 0, False)
+        assert "connect" in s["last_error"]
+    finally:
+        assert ix.close(timeout_s=0.5) == 50  # never written: counted as dropped at close
+    assert ix.stats()["dropped"] == 80
+
+
+def test_a_store_outage_retries_the_queued_rows_and_drops_beyond_the_queue() -> None:
+    base = pg_dir()
+    server = EmbeddedPostgres(base / "data").start()
+    url = server.url
+    ix = Indexer(url, "b-out", DIM, queue_rows=150, batch_rows=64, batch_wait_s=0.05, retry_min_s=0.05)
+    try:
+        assert all(ix.offer(r) for r in rows("b-out", 100))
+        assert ix.wait_idle(60) and ix.stats()["written"] == 100
+
+        server.stop()  # the real server goes away (pg_ctl stop): the writer's connection is lost
+        during = rows("b-out", 200, start=100)
+        accepted = [ix.offer(r) for r in during]
+        assert accepted == [True] * 150 + [False] * 50
+        wait_for(lambda: ix.stats()["write_errors"] >= 2)  # tried, failed, reconnect failed too
+        s = ix.stats()
+        assert (s["queued"], s["dropped"], s["store_up"]) == (150, 50, False)
+
+        server = EmbeddedPostgres(base / "data").start()  # the same data dir, so the same rows
+        assert server.url == url
+        assert ix.wait_idle(60)
+        s = ix.stats()
+        assert (s["written"], s["retried"], s["dropped"], s["queued"]) == (250, 150, 50, 0)
+        assert s["store_up"]
+        with connect(url, "b-out", DIM) as store:
+            assert store.count("b-out") == 250
+            stored = {h.frame_id for h in store.search("b-out", during[0].embedding, k=300, exact=True)}
+        assert stored == set(range(250))  # the first 150 of the outage, not the 50 beyond the queue
+    finally:
+        ix.close()
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
