@@ -22,16 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
+SCHEMA_VERSION = 1  # PRAGMA user_version of the file; another version is refused, never guessed at
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pending (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,   -- arrival order: oldest first
     bundle_id TEXT NOT NULL,
-    frame_key TEXT NOT NULL,                 -- unique per node and bundle across restarts
+    node_id TEXT NOT NULL,
+    frame_id INTEGER NOT NULL,               -- unique per node across restarts (tickets.frame_ids)
     ts REAL NOT NULL,                        -- seconds since the epoch, when the frame was seen
     source TEXT NOT NULL,
     labels TEXT NOT NULL,                    -- top labels, best first, joined by \\n
     embedding BLOB NOT NULL,                 -- float32 [dim], L2-normalised
-    UNIQUE (bundle_id, frame_key)
+    UNIQUE (bundle_id, node_id, frame_id)    -- the cloud store's key
 );
 """
 
@@ -39,7 +41,8 @@ CREATE TABLE IF NOT EXISTS pending (
 @dataclass(frozen=True)
 class Entry:
     bundle_id: str
-    frame_key: str
+    node_id: str
+    frame_id: int
     ts: float
     source: str
     labels: tuple[str, ...]
@@ -58,7 +61,14 @@ class Journal:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version not in (0, SCHEMA_VERSION):
+            self._db.close()
+            raise JournalError(
+                f"journal {self.path} has schema version {version}, this node reads {SCHEMA_VERSION}"
+            )
         self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self.dropped = 0  # entries refused because the journal was full
 
     def add(self, e: Entry) -> bool:
@@ -69,23 +79,44 @@ class Journal:
                 self.dropped += 1
                 return False
             cur = self._db.execute(
-                "INSERT OR IGNORE INTO pending (bundle_id, frame_key, ts, source, labels, embedding)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (e.bundle_id, e.frame_key, e.ts, e.source, "\n".join(e.labels), vec.tobytes()),
+                "INSERT OR IGNORE INTO pending"
+                " (bundle_id, node_id, frame_id, ts, source, labels, embedding)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    e.bundle_id,
+                    e.node_id,
+                    e.frame_id,
+                    e.ts,
+                    e.source,
+                    "\n".join(e.labels),
+                    vec.tobytes(),
+                ),
             )
             return cur.rowcount == 1
 
-    def oldest(self, limit: int) -> list[Entry]:
+    def oldest(self, limit: int, *, bundle_id: str | None = None) -> list[Entry]:
+        """The `limit` oldest entries (of one bundle, if given: a node uploads only its own bundle's)."""
+        where, args = ("WHERE bundle_id = ?", (bundle_id,)) if bundle_id is not None else ("", ())
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, bundle_id, frame_key, ts, source, labels, embedding FROM pending"
-                " ORDER BY seq LIMIT ?",
-                (limit,),
+                "SELECT seq, bundle_id, node_id, frame_id, ts, source, labels, embedding FROM pending"
+                f" {where} ORDER BY seq LIMIT ?",
+                (*args, limit),
             ).fetchall()
         return [
-            Entry(b, k, ts, src, tuple(lab.split("\n")) if lab else (), np.frombuffer(emb, np.float32), seq)
-            for seq, b, k, ts, src, lab, emb in rows
+            Entry(
+                b, n, f, ts, src, tuple(lab.split("\n")) if lab else (), np.frombuffer(emb, np.float32), seq
+            )
+            for seq, b, n, f, ts, src, lab, emb in rows
         ]
+
+    def pending(self, bundle_id: str | None = None) -> int:
+        """Entries not yet acknowledged (of one bundle, if given)."""
+        with self._lock:
+            if bundle_id is None:
+                return self._count()
+            q = "SELECT count(*) FROM pending WHERE bundle_id = ?"
+            return int(self._db.execute(q, (bundle_id,)).fetchone()[0])
 
     def ack(self, entries: Sequence[Entry]) -> None:
         """The cloud has stored these: forget them."""
@@ -104,6 +135,10 @@ class Journal:
             self._db.close()
 
 
+class JournalError(RuntimeError):
+    """A journal file this code cannot read."""
+
+
 @dataclass
 class UploadStats:
     sent: int = 0  # entries acknowledged by the cloud
@@ -115,7 +150,9 @@ class UploadStats:
 
 class Uploader:
     """Drains a journal through `send(entries)` (which raises when the cloud did not take them),
-    oldest first, `batch` entries at a time, at most `rate_per_s` entries per second on average."""
+    oldest first, `batch` entries at a time, at most `rate_per_s` entries per second on average
+    (across drains too: a drain right after another waits out the last batch's share of time).
+    With `bundle_id` only that bundle's entries are sent."""
 
     def __init__(
         self,
@@ -125,25 +162,32 @@ class Uploader:
         batch: int = 64,
         rate_per_s: float = 200.0,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], object] = time.sleep,
+        bundle_id: str | None = None,
     ) -> None:
         if batch < 1 or rate_per_s <= 0:
             raise ValueError("journal upload: batch must be >= 1 and rate_per_s > 0")
         self.journal, self.send = journal, send
         self.batch, self.rate_per_s = batch, rate_per_s
         self.clock, self.sleep = clock, sleep
+        self.bundle_id = bundle_id
         self.stats = UploadStats()
+        self._free_at: float | None = None  # the clock value before which the next batch waits
 
-    def drain(self, *, max_batches: int | None = None) -> int:
-        """Upload until the journal is empty, a send fails, or `max_batches`; returns entries sent."""
+    def drain(self, *, max_batches: int | None = None, stop: threading.Event | None = None) -> int:
+        """Upload until the journal is empty, a send fails, `max_batches`, or `stop` is set;
+        returns entries sent."""
         sent = done = 0
-        wait = 0.0  # the rate limit's pause, taken only when another batch follows
         while max_batches is None or done < max_batches:
-            entries = self.journal.oldest(self.batch)
+            if stop is not None and stop.is_set():
+                break
+            entries = self.journal.oldest(self.batch, bundle_id=self.bundle_id)
             if not entries:
                 break
-            if wait > 0:
-                self.sleep(wait)
+            if self._free_at is not None and (wait := self._free_at - self.clock()) > 0:
+                self.sleep(wait)  # the rate limit's pause, taken only when another batch follows
+                if stop is not None and stop.is_set():
+                    break
             t0 = self.clock()
             try:
                 self.send(entries)
@@ -157,6 +201,5 @@ class Uploader:
             self.stats.sent += len(entries)
             self.stats.batches += 1
             self.stats.log.append((t0, len(entries)))
-            # this batch's share of time, less what sending it took already
-            wait = len(entries) / self.rate_per_s - (self.clock() - t0)
+            self._free_at = t0 + len(entries) / self.rate_per_s  # this batch's share of time
         return sent

@@ -35,11 +35,26 @@ SPLITCLIP_KEEPALIVE_S         HTTP/2 keepalive ping interval while calls are ope
 SPLITCLIP_METRICS_PORT        `splitclip edge watch`: serve Prometheus metrics on this port (default 0:
                               off; 9464 in Kubernetes), at http://METRICS_HOST:PORT/metrics
 SPLITCLIP_METRICS_HOST        the address it binds (default 0.0.0.0)
+
+Fleet search (docs/edge.md, docs/search.md):
+SPLITCLIP_INDEX               true: the cloud stores this node's frame embeddings (never pixels) with their top
+                              labels, time and source, so `splitclip search` finds them (default false). Frames
+                              the node answers itself go to the journal and are uploaded when the cloud is back
+SPLITCLIP_JOURNAL             the offline journal (SQLite) of those frames (default:
+                              CACHE_DIR/journal/<node id>--<bundle id>.sqlite). Set SPLITCLIP_NODE_ID too: the
+                              default node id has the pid in it, so a restarted node would not find its journal
+SPLITCLIP_JOURNAL_MAX_ENTRIES frames the journal keeps at most; beyond, new ones are dropped and counted (default 1e6)
+SPLITCLIP_UPLOAD_BATCH        journal frames per Upload call (default 64)
+SPLITCLIP_UPLOAD_RATE_PER_S   journal frames uploaded per second at most, on average (default 200: a backlog must
+                              not crowd out the live frames on a thin link)
+SPLITCLIP_UPLOAD_TIMEOUT_S    deadline of one Upload call (default 10)
+SPLITCLIP_UPLOAD_RETRY_S      after a failed Upload, wait this long before the next try (default 5)
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -99,11 +114,29 @@ class EdgeSettings:
     cache_dir: Path | None = None  # None = ~/.cache/splitclip
     metrics_port: int = 0  # `splitclip edge watch`'s Prometheus endpoint; 0 = off
     metrics_host: str = "0.0.0.0"
+    index: bool = False  # fleet search: the cloud stores this node's frame embeddings
+    journal: Path | None = None  # the offline journal; None = journal_path()'s default
+    journal_max_entries: int = 1_000_000
+    upload_batch: int = 64
+    upload_rate_per_s: float = 200.0
+    upload_timeout_s: float = 10.0
+    upload_retry_s: float = 5.0
 
     @property
     def auto(self) -> bool:
         """Does the online planner choose each frame's plan (auto, and a cloud to send to)?"""
         return self.plan == AUTO and self.cloud is not None
+
+    def journal_path(self, bundle_id: str) -> Path:
+        """The journal file: SPLITCLIP_JOURNAL, else one per node id and bundle under the cache dir (a
+        journal holds one node's frames of one bundle, so it never uploads them under another's name)."""
+        if self.journal is not None:
+            return self.journal
+        root = self.cache_dir or Path(
+            os.environ.get("SPLITCLIP_CACHE_DIR") or Path.home() / ".cache" / "splitclip"
+        )
+        node = re.sub(r"[^A-Za-z0-9._-]", "_", self.node_id)  # a file name, whatever the id holds
+        return root / "journal" / f"{node}--{bundle_id}.sqlite"
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None, **overrides: object) -> EdgeSettings:
@@ -154,6 +187,16 @@ class EdgeSettings:
         if self.plan_margin < 0 or self.plan_patience < 1:
             raise SettingsError(
                 f"expected plan_margin >= 0 and plan_patience >= 1, got {self.plan_margin}, {self.plan_patience}"
+            )
+        if self.upload_batch < 1 or self.journal_max_entries < 1:
+            raise SettingsError(
+                f"upload_batch and journal_max_entries must be >= 1, got {self.upload_batch}, "
+                f"{self.journal_max_entries}"
+            )
+        if min(self.upload_rate_per_s, self.upload_timeout_s, self.upload_retry_s) <= 0:
+            raise SettingsError(
+                f"upload_rate_per_s, upload_timeout_s and upload_retry_s must be positive, got "
+                f"{self.upload_rate_per_s}, {self.upload_timeout_s}, {self.upload_retry_s}"
             )
         if self.cloud is not None and ":" not in self.cloud:
             raise SettingsError(f"cloud must be HOST:PORT, got {self.cloud!r}")

@@ -2,23 +2,48 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from edge_node.local import Prepared
 from edge_node.reasons import Reason, base
 from edge_node.results import EdgeResult
+from splitclip.preprocess import ImageLike
 from splitclip.prompts import PromptSet, top_k
 from splitclip.wire import pb
 
 log = logging.getLogger("splitclip.edge")
+
+
+def frame_ids(clock_ns: Callable[[], int] = time.time_ns) -> Iterator[int]:
+    """A node's frame ids: consecutive, starting at the wall clock in microseconds.
+
+    Fleet search stores frames idempotently on (bundle, node, frame id): a restarted node that counted
+    from 1 again would have every new frame dropped as a duplicate of one it saw before the restart.
+    Started from the clock, a new run's ids begin after every id of the runs before it, unless a run
+    answered more than one frame per microsecond it ran (it cannot). They fit the store's int64
+    (2**63 µs is the year 294,000). If the clock steps back between runs (a device without an RTC
+    battery, an NTP correction) by D, the new run's first D·10⁶ ids may repeat earlier ones, and those
+    frames are left out of the index as duplicates (their answers are not affected); a step forward
+    only skips ids. Within one run the ids never repeat, whatever the clock does.
+    """
+    return itertools.count(max(1, clock_ns() // 1000))
+
+
+def source_name(image: ImageLike) -> str:
+    """The default `source` of a frame: its path, else the image's type."""
+    if isinstance(image, str | Path):
+        return str(image)
+    return type(image).__name__
 
 
 @dataclass
@@ -61,6 +86,8 @@ class Ticket:
         self.prompts = prompts
         self.sink = sink
         self.t0 = time.perf_counter()
+        self.captured_at = time.time()  # when the node got the image (fleet search's frame time)
+        self.embedding: np.ndarray | None = None  # [embed_dim] of a local answer (the journal's)
         self.prepared: Prepared | None = None
         self.bytes_sent = 0  # payload bytes
         self.frame_bytes = 0  # the whole serialised Frame

@@ -8,14 +8,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_node.journal import Entry, Journal, Uploader
+from edge_node.journal import Entry, Journal, JournalError, Uploader
+
+BOOT = 1_764_662_400_000_000  # frame ids start at the clock in µs (edge_node.tickets.frame_ids)
 
 
-def entry(i: int, bundle: str = "b-1") -> Entry:
+def entry(i: int, bundle: str = "b-1", node: str = "cam-1") -> Entry:
     v = np.random.default_rng(i).standard_normal(8).astype(np.float32)
     return Entry(
         bundle,
-        f"boot-{i:04d}",
+        node,
+        BOOT + i,
         1000.0 + i,
         f"cam/{i}.png",
         ("red circle", "blue square"),
@@ -28,13 +31,15 @@ def test_entries_come_back_oldest_first_with_every_field(tmp_path) -> None:
     for i in (3, 1, 2):
         assert j.add(entry(i))
     got = j.oldest(10)
-    assert [e.frame_key for e in got] == [
-        "boot-0003",
-        "boot-0001",
-        "boot-0002",
-    ]  # arrival order, not key order
+    assert [e.frame_id - BOOT for e in got] == [3, 1, 2]  # arrival order, not id order
     e, want = got[1], entry(1)
-    assert (e.bundle_id, e.ts, e.source, e.labels) == (want.bundle_id, want.ts, want.source, want.labels)
+    assert (e.bundle_id, e.node_id, e.ts, e.source, e.labels) == (
+        want.bundle_id,
+        want.node_id,
+        want.ts,
+        want.source,
+        want.labels,
+    )
     assert np.array_equal(e.embedding, want.embedding) and e.embedding.dtype == np.float32
     j.close()
 
@@ -44,12 +49,25 @@ def test_a_frame_is_kept_once_and_survives_a_restart(tmp_path) -> None:
     j = Journal(path)
     assert j.add(entry(1)) and not j.add(entry(1))  # the same frame twice is one entry
     assert j.add(entry(1, bundle="b-2"))  # another bundle's frame 1 is another frame
+    assert j.add(entry(1, node="cam-2"))  # ... and so is another node's
     j.close()
     j = Journal(path)  # the node restarted
-    assert len(j) == 2
+    assert len(j) == 3 and j.pending("b-2") == 1
     j.ack(j.oldest(1))
-    assert [e.bundle_id for e in j.oldest(10)] == ["b-2"]
+    assert [(e.bundle_id, e.node_id) for e in j.oldest(10)] == [("b-2", "cam-1"), ("b-1", "cam-2")]
+    assert [e.bundle_id for e in j.oldest(10, bundle_id="b-2")] == ["b-2"]
     j.close()
+
+
+def test_a_journal_of_another_schema_version_is_refused(tmp_path) -> None:
+    import sqlite3
+
+    path = tmp_path / "j.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version=7")
+    db.close()
+    with pytest.raises(JournalError, match="schema version 7"):
+        Journal(path)
 
 
 def test_a_full_journal_refuses_and_counts(tmp_path) -> None:
@@ -60,12 +78,12 @@ def test_a_full_journal_refuses_and_counts(tmp_path) -> None:
 
 
 class Store:
-    """Idempotent on (bundle, frame), like the cloud's store; can fail a number of sends or lose
+    """Idempotent on (bundle, node, frame), like the cloud's store; can fail a number of sends or lose
     the acknowledgement of one (stored, but the node never hears it)."""
 
     def __init__(self) -> None:
-        self.rows: dict[tuple[str, str], Entry] = {}
-        self.order: list[str] = []
+        self.rows: dict[tuple[str, str, int], Entry] = {}
+        self.order: list[int] = []
         self.fail = 0
         self.lose_ack = 0
 
@@ -74,9 +92,9 @@ class Store:
             self.fail -= 1
             raise ConnectionError("cloud unavailable")
         for e in batch:
-            if (e.bundle_id, e.frame_key) not in self.rows:
-                self.rows[(e.bundle_id, e.frame_key)] = e
-                self.order.append(e.frame_key)
+            if (e.bundle_id, e.node_id, e.frame_id) not in self.rows:
+                self.rows[(e.bundle_id, e.node_id, e.frame_id)] = e
+                self.order.append(e.frame_id - BOOT)
         if self.lose_ack:
             self.lose_ack -= 1
             raise TimeoutError("deadline exceeded")
@@ -91,7 +109,7 @@ def test_the_uploader_sends_oldest_first_in_batches_and_stops_at_a_failure(tmp_p
     assert up.drain() == 0 and len(j) == 10 and up.stats.failures == 1
     assert "cloud unavailable" in up.stats.last_error
     assert up.drain() == 10 and len(j) == 0
-    assert store.order == [f"boot-{i:04d}" for i in range(10)]
+    assert store.order == list(range(10))
     assert [n for _, n in up.stats.log] == [4, 4, 2]
     j.close()
 
@@ -104,7 +122,7 @@ def test_a_lost_acknowledgement_resends_and_the_store_still_has_each_frame_once(
     store.lose_ack = 1
     assert up.drain() == 0 and len(j) == 6  # stored, but the node cannot know: it keeps them
     assert up.drain() == 6 and len(j) == 0
-    assert sorted(store.order) == [f"boot-{i:04d}" for i in range(6)]  # each once
+    assert sorted(store.order) == list(range(6))  # each once
 
 
 def test_the_rate_limit_spaces_batches_by_their_share_of_time(tmp_path) -> None:
@@ -122,6 +140,23 @@ def test_the_rate_limit_spaces_batches_by_their_share_of_time(tmp_path) -> None:
     assert up.drain() == 100
     assert slept == pytest.approx([0.2] * 9)  # 10 entries at 50/s; no wait after the last batch
     assert up.drain(max_batches=1) == 0
+    j.add(entry(100))
+    assert up.drain() == 1 and slept[-1] == pytest.approx(0.2)  # the pause holds across drains too
+
+
+def test_only_the_given_bundle_is_uploaded_and_a_stop_ends_a_drain(tmp_path) -> None:
+    import threading
+
+    j, store = Journal(tmp_path / "j.sqlite"), Store()
+    for i in range(6):
+        j.add(entry(i, bundle="b-1" if i % 2 else "b-old"))
+    stop = threading.Event()
+    up = Uploader(j, store.send, batch=1, rate_per_s=1e9, bundle_id="b-1")
+    assert up.drain(max_batches=2) == 2
+    stop.set()
+    assert up.drain(stop=stop) == 0
+    assert up.drain() == 1 and store.order == [1, 3, 5]
+    assert j.pending() == 3 and j.pending("b-old") == 3
 
 
 def test_bad_uploader_settings_are_refused(tmp_path) -> None:

@@ -54,3 +54,22 @@ def test_rejects_bad_values(var: str, value: str, message: str) -> None:
 def test_rejects_unknown_overrides() -> None:
     with pytest.raises(SettingsError, match="unknown edge setting 'windows'"):
         EdgeSettings.from_env({}, windows=2)
+
+
+def test_fleet_search_settings_and_the_journal_path(tmp_path: Path) -> None:
+    s = EdgeSettings.from_env({"SPLITCLIP_NODE_ID": "gate 3/a"}, cache_dir=tmp_path)
+    assert not s.index and s.upload_batch == 64 and s.upload_rate_per_s == 200.0
+    # one journal per node id and bundle, under the cache dir; the node id made a file name
+    assert s.journal_path("b-1") == tmp_path / "journal" / "gate_3_a--b-1.sqlite"
+    env = {
+        "SPLITCLIP_INDEX": "true",
+        "SPLITCLIP_JOURNAL": str(tmp_path / "j.sqlite"),
+        "SPLITCLIP_UPLOAD_BATCH": "8",
+        "SPLITCLIP_UPLOAD_RATE_PER_S": "50",
+    }
+    s = EdgeSettings.from_env(env)
+    assert s.index and s.journal_path("b-1") == tmp_path / "j.sqlite"
+    assert (s.upload_batch, s.upload_rate_per_s) == (8, 50.0)
+    for bad in ({"SPLITCLIP_UPLOAD_BATCH": "0"}, {"SPLITCLIP_UPLOAD_RATE_PER_S": "0"}):
+        with pytest.raises(SettingsError, match="upload"):
+            EdgeSettings.from_env(bad)
