@@ -112,6 +112,14 @@ class CloudClient:
     def classify(self, frame: pb.Frame, timeout: float) -> pb.Result:
         return self._retrying(lambda t: self.stub.Classify(frame, timeout=t, metadata=self.metadata), timeout)
 
+    def upload(self, req: pb.UploadRequest, timeout: float) -> pb.UploadResponse:
+        """Journal frames to the fleet-search store; retried on transient statuses (the store is
+        idempotent on bundle, node and frame, so a retry of a call that did store is harmless)."""
+        return self._retrying(lambda t: self.stub.Upload(req, timeout=t, metadata=self.metadata), timeout)
+
+    def search(self, req: pb.SearchRequest, timeout: float) -> pb.SearchResponse:
+        return self._retrying(lambda t: self.stub.Search(req, timeout=t, metadata=self.metadata), timeout)
+
     def open_stream(
         self,
         *,

@@ -17,6 +17,8 @@ splitclip_edge_mode{mode}                      1 for where frames go now (split/
 splitclip_edge_plan_info{plan}                 1, labelled with the plan source's current plan
 splitclip_edge_plan_switches_total             the online planner's switches (0 for a fixed plan)
 splitclip_edge_info{node_id, bundle_id, version}  1
+splitclip_edge_journal_pending                 fleet search: locally answered frames not yet stored by the cloud
+splitclip_edge_journal_uploaded_total          ... and those uploaded since the node started (0 with index off)
 """
 
 from __future__ import annotations
@@ -162,3 +164,13 @@ class _NodeState(Collector):
         switches = CounterMetricFamily(f"{PREFIX}_plan_switches", "Plan switches of the online planner")
         switches.add_metric([], auto.switches if auto is not None else 0)
         yield switches
+        pending = GaugeMetricFamily(
+            f"{PREFIX}_journal_pending", "Locally answered frames the cloud's search store does not have yet"
+        )
+        pending.add_metric([], node.index.pending)
+        yield pending
+        uploaded = CounterMetricFamily(
+            f"{PREFIX}_journal_uploaded", "Journal frames uploaded to the search store since the start"
+        )
+        uploaded.add_metric([], node.index.uploaded)
+        yield uploaded

@@ -14,7 +14,6 @@ Each frame's plan (local, or cut + preset) is fixed, or chosen per frame by edge
 
 from __future__ import annotations
 
-import itertools
 import os
 import queue
 import threading
@@ -31,6 +30,7 @@ from edge_node.autoplan import PLANNED_LOCAL, Candidate
 from edge_node.breaker import CircuitBreaker
 from edge_node.client import CloudClient, FrameStream, Lost
 from edge_node.health import CloudHealth, log_breaker_change
+from edge_node.indexing import NodeIndex
 from edge_node.local import LocalEngine, PromptCache
 from edge_node.plans import NodePlans, TimedHello
 from edge_node.reasons import (
@@ -47,7 +47,7 @@ from edge_node.reasons import (
 )
 from edge_node.results import EdgeResult
 from edge_node.settings import EdgeSettings
-from edge_node.tickets import NodeStats, Ticket
+from edge_node.tickets import NodeStats, Ticket, frame_ids, source_name
 from splitclip import codec
 from splitclip.bundle import Bundle, load_bundle
 from splitclip.preprocess import ImageLike
@@ -101,7 +101,7 @@ class EdgeNode:
         self.plans = NodePlans.for_node(self.bundle, self.engine.rt, s) if s.auto else fixed
         self.stats = NodeStats()
         self._stats_lock = threading.Lock()
-        self._ids = itertools.count(1)
+        self._ids = frame_ids()  # from the clock: unique across restarts (fleet search needs it)
         self._closed = threading.Event()
         self._local_worker = ThreadPoolExecutor(1, thread_name_prefix="edge-local")
         self._stream: FrameStream[Ticket] | None = None
@@ -129,6 +129,7 @@ class EdgeNode:
                 frames_answered=lambda: self.stats.frames,
             )
             self.health.start()
+        self.index = NodeIndex(s, self.bundle_id, self.breaker, self.client)  # fleet search, if on
 
     # -- public API ------------------------------------------------------------------------------
     @property
@@ -151,7 +152,7 @@ class EdgeNode:
         `templates` such as "a photo of a {}" apply on both sides (splitclip.prompts)."""
         prompt_set = self._check_prompts(prompts, templates)
         sink: queue.SimpleQueue[EdgeResult] = queue.SimpleQueue()
-        t = Ticket(next(self._ids), source or _name(image), prompt_set, sink)
+        t = Ticket(next(self._ids), source or source_name(image), prompt_set, sink)
         client = self.client
         if client is None or not self._sends():
             self._answer_locally(t, image, self._local_reason())
@@ -183,7 +184,7 @@ class EdgeNode:
         names = iter(sources) if sources is not None else None
         sent = done = 0
         for image in images:
-            source = next(names) if names is not None else _name(image)
+            source = next(names) if names is not None else source_name(image)
             t = Ticket(next(self._ids), source, prompt_set, sink)
             sent += 1
             self._dispatch(t, image)
@@ -220,6 +221,7 @@ class EdgeNode:
             old.join(timeout=5)
         if self.health is not None:
             self.health.close()
+        self.index.close()
         if self.client is not None:
             self.client.close()
 
@@ -284,6 +286,7 @@ class EdgeNode:
             prompts=t.prompts.labels,
             templates=t.prompts.templates,
             top_k=self.settings.top_k,
+            **self.index.fields(t),
         )
         t.frame_bytes = frame.ByteSize()
         return frame
@@ -388,6 +391,7 @@ class EdgeNode:
 
     def _local_result(self, t: Ticket, image_emb: np.ndarray, reason: str) -> EdgeResult:
         probs = self.engine.score(image_emb, t.prompts)  # [n_labels]
+        t.embedding = image_emb  # [embed_dim], for the journal (fleet search)
         return t.local_result(probs, reason, k=self.settings.top_k, cut=t.cut, codec=t.codec)
 
     def _deliver(self, t: Ticket, r: EdgeResult) -> None:
@@ -396,6 +400,7 @@ class EdgeNode:
             return
         with self._stats_lock:
             self.stats.count(r)
+        self.index.answered(t, r)  # before the caller has it: a local answer is journalled by then
         t.sink.put(r)
 
     def _sends(self) -> bool:
@@ -406,9 +411,3 @@ class EdgeNode:
         if self._pixels_refused is not None and self.client is not None:
             return self._pixels_refused
         return local_reason(self.breaker.reason, has_cloud=self.client is not None)
-
-
-def _name(image: ImageLike) -> str:
-    if isinstance(image, str | Path):
-        return str(image)
-    return type(image).__name__

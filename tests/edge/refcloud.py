@@ -6,10 +6,19 @@ faults the real Ray Serve cloud cannot produce on demand: an answer held back pa
 deadline (a late duplicate), a stream cut after N frames, per-frame error results, a server that
 stops and comes back on the same port within a test. End-to-end behaviour against the real cloud
 is tested in tests/e2e/.
+
+Fault frame ids (`delay_frames`, `error_frames`) count a node's frames from 1: the node's ids start
+at the clock (edge_node.tickets.frame_ids), so the n-th frame a node sends here is its number n.
+
+Fleet search: `Upload` and `Search` over an in-memory store keyed like the cloud's (bundle, node,
+frame), first write wins; a frame sent with index=True is stored after it is answered, as the cloud
+does. `search_on=False` refuses both with FAILED_PRECONDITION; `faults.upload_codes` fails Uploads
+before storing, `faults.lose_upload_acks` stores and then fails the call (an acknowledgement lost).
 """
 
 from __future__ import annotations
 
+import io
 import queue
 import threading
 import time
@@ -18,14 +27,15 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+from PIL import Image
 
 from splitclip import codec
 from splitclip.constants import ERROR_BUNDLE_MISMATCH as BUNDLE
 from splitclip.constants import ERROR_IMAGE_UPLOAD_REFUSED as IMAGE_REFUSED
 from splitclip.constants import ERROR_KIND_METADATA_KEY
-from splitclip.prompts import prompt_set, score, top_k
+from splitclip.prompts import average_templates, prompt_set, score, top_k
 from splitclip.runtime import BundleRuntime
-from splitclip.tower import Tower
+from splitclip.tower import Tower, unit
 from splitclip.wire import pb, pb_grpc
 
 
@@ -39,6 +49,21 @@ class Faults:
     error_message: str = "injected"
     unary_codes: list[grpc.StatusCode] = field(default_factory=list)  # Classify fails with these first
     unary_kind: str = ""  # trailing metadata x-splitclip-error of those failures
+    upload_codes: list[grpc.StatusCode] = field(default_factory=list)  # Upload fails with these first
+    lose_upload_acks: int = 0  # Uploads that store their rows and then fail with UNAVAILABLE
+
+
+@dataclass(frozen=True)
+class Row:
+    """A stored frame of the in-memory search store."""
+
+    node_id: str
+    frame_id: int
+    captured_at: float
+    source: str
+    labels: tuple[str, ...]
+    embedding: np.ndarray  # float32 [embed_dim], unit
+    via: str  # "frame" (indexed after answering) or "upload"
 
 
 class RefCloud(pb_grpc.SplitClipServicer):
@@ -50,6 +75,7 @@ class RefCloud(pb_grpc.SplitClipServicer):
         cloud_bundle_id: str | None = None,
         heartbeat_interval_s: float = 0.0,
         allow_image_upload: bool = True,
+        search_on: bool = True,
     ) -> None:
         self.rt = BundleRuntime(bundle_dir)
         self.rt.warmup()
@@ -63,6 +89,12 @@ class RefCloud(pb_grpc.SplitClipServicer):
         self.frames = 0
         self.hellos = 0
         self.classify_calls = 0
+        self.search_on = search_on
+        self.rows: dict[tuple[str, str, int], Row] = {}  # (bundle, node, frame) -> row, in stored order
+        self.uploads: list[pb.UploadRequest] = []  # every Upload that reached the store
+        self.searches: list[pb.SearchRequest] = []
+        self.frame_requests: list[pb.Frame] = []  # every Frame received (unary and stream)
+        self._first_id: dict[tuple[str, str], int] = {}  # (peer, node) -> its first frame id seen here
         self._lock = threading.Lock()
         self._server: grpc.Server | None = None
         self.port = 0
@@ -94,12 +126,22 @@ class RefCloud(pb_grpc.SplitClipServicer):
         if md.get("x-splitclip-token") != self.token:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong node token")
 
-    def _answer(self, f: pb.Frame) -> pb.Result:
-        if f.frame_id in self.faults.error_frames:
+    def _number(self, f: pb.Frame, peer: str) -> int:
+        """The frame's number among its node's frames (1 = the first this cloud saw of it). Keyed by
+        the connection too: two EdgeNodes of one test process have the same default node id."""
+        with self._lock:
+            first = self._first_id.setdefault((peer, f.node_id), f.frame_id)
+        return f.frame_id - first + 1
+
+    def _answer(self, f: pb.Frame, peer: str) -> pb.Result:
+        n = self._number(f, peer)
+        with self._lock:
+            self.frame_requests.append(f)
+        if n in self.faults.error_frames:
             return pb.Result(
                 frame_id=f.frame_id,
                 error=pb.Error(
-                    code=self.faults.error_frames[f.frame_id],
+                    code=self.faults.error_frames[n],
                     message=self.faults.error_message,
                     kind=self.faults.error_kind,
                 ),
@@ -118,14 +160,38 @@ class RefCloud(pb_grpc.SplitClipServicer):
         )[0]
         best = top_k(probs[None], f.top_k or 5)[0]
         top = [pb.Label(index=i, prompt=f.prompts[i], probability=p) for i, p in best]
+        if f.index and self.search_on:
+            labels = tuple(f.prompts[i] for i, _ in best)
+            row = Row(
+                f.node_id, f.frame_id, f.captured_at or time.time(), f.source, labels, unit(emb), "frame"
+            )
+            self._store(f.bundle_id, [row])
         return pb.Result(
             frame_id=f.frame_id, top=top, probabilities=probs.tolist(), bundle_id=self.bundle_id, cut=f.cut
         )
 
-    def _maybe_delay(self, frame_id: int) -> None:
+    def _maybe_delay(self, f: pb.Frame, peer: str) -> None:
         fl = self.faults
-        if fl.delay_s and (not fl.delay_frames or frame_id in fl.delay_frames):
+        if fl.delay_s and (not fl.delay_frames or self._number(f, peer) in fl.delay_frames):
             time.sleep(fl.delay_s)
+
+    def _store(self, bundle_id: str, rows: list[Row]) -> int:
+        """Keep rows not stored yet (first write wins); returns how many were new."""
+        new = 0
+        with self._lock:
+            for r in rows:
+                key = (bundle_id, r.node_id, r.frame_id)
+                if key not in self.rows:
+                    self.rows[key] = r
+                    new += 1
+        return new
+
+    def stored(self, node_id: str | None = None, via: str | None = None) -> list[Row]:
+        with self._lock:
+            rows = list(self.rows.values())
+        return [
+            r for r in rows if (node_id is None or r.node_id == node_id) and (via is None or r.via == via)
+        ]
 
     def Hello(self, request, context):
         self._auth(context)
@@ -154,18 +220,19 @@ class RefCloud(pb_grpc.SplitClipServicer):
             if self.faults.unary_kind:
                 context.set_trailing_metadata(((ERROR_KIND_METADATA_KEY, self.faults.unary_kind),))
             context.abort(code, "injected")
-        self._maybe_delay(request.frame_id)
-        return self._answer(request)
+        self._maybe_delay(request, context.peer())
+        return self._answer(request, context.peer())
 
     def ClassifyStream(self, request_iterator, context):
         """Frames are answered concurrently, so results come back out of order (like the real cloud)."""
         self._auth(context)
         out: queue.SimpleQueue = queue.SimpleQueue()
         pool = futures.ThreadPoolExecutor(8)
+        peer = context.peer()
 
         def work(f: pb.Frame) -> None:
-            self._maybe_delay(f.frame_id)
-            out.put(self._answer(f))
+            self._maybe_delay(f, peer)
+            out.put(self._answer(f, peer))
 
         def read() -> None:
             try:
@@ -189,6 +256,79 @@ class RefCloud(pb_grpc.SplitClipServicer):
             if item is _CUT:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "injected link drop")
             yield item
+
+    def Upload(self, request, context):
+        self._auth(context)
+        if not self.search_on:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "search is off on this cloud")
+        with self._lock:
+            code = self.faults.upload_codes.pop(0) if self.faults.upload_codes else None
+        if code is not None:
+            context.abort(code, "injected")
+        if request.bundle_id != self.bundle_id:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the node runs another bundle")
+        rows = [
+            Row(
+                request.node_id,
+                f.frame_id,
+                f.captured_at,
+                f.source,
+                tuple(f.labels),
+                np.frombuffer(f.embedding, dtype="<f4").copy(),
+                "upload",
+            )
+            for f in request.frames
+        ]
+        with self._lock:
+            self.uploads.append(request)
+        new = self._store(request.bundle_id, rows)
+        with self._lock:
+            lose = self.faults.lose_upload_acks > 0
+            self.faults.lose_upload_acks -= int(lose)
+        if lose:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "injected: stored, acknowledgement lost")
+        return pb.UploadResponse(stored=new, duplicates=len(rows) - new)
+
+    def Search(self, request, context):
+        self._auth(context)
+        with self._lock:
+            self.searches.append(request)
+        if not self.search_on:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "search is off on this cloud")
+        if bool(request.text) == bool(request.image):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give exactly one of text and image")
+        if request.text:
+            templates = list(request.templates) or ["{}"]
+            texts = [t.format(request.text) for t in templates]
+            q = average_templates(self.rt.encode_text(texts), len(templates))[0]  # [embed_dim]
+        else:
+            img = np.asarray(Image.open(io.BytesIO(request.image)).convert("RGB"))
+            q = Tower(self.rt).embed_images(img)[0]
+        bundle = request.bundle_id or self.bundle_id
+        nodes = set(request.node_ids)
+        with self._lock:
+            rows = [r for (b, _, _), r in self.rows.items() if b == bundle]
+        rows = [
+            r
+            for r in rows
+            if (not nodes or r.node_id in nodes)
+            and (not request.since or r.captured_at >= request.since)
+            and (not request.until or r.captured_at <= request.until)
+            and (not request.label or request.label in r.labels)
+        ]
+        scored = sorted(((float(r.embedding @ q), r) for r in rows), key=lambda x: -x[0])[: request.k or 10]
+        hits = [
+            pb.SearchHit(
+                node_id=r.node_id,
+                frame_id=r.frame_id,
+                captured_at=r.captured_at,
+                source=r.source,
+                score=s,
+                labels=list(r.labels),
+            )
+            for s, r in scored
+        ]
+        return pb.SearchResponse(bundle_id=bundle, hits=hits)
 
 
 _END, _CUT = object(), object()
