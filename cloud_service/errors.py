@@ -68,6 +68,11 @@ def not_found(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.NOT_FOUND, message)
 
 
+def unavailable(message: str) -> ServiceError:
+    """Something the call needs is down for now (the search store): the client may retry later."""
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, message)
+
+
 def internal(e: BaseException) -> ServiceError:
     return ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
 

@@ -24,6 +24,8 @@ from cloud_service.cache import redacted
 from cloud_service.grpc_api import Unparsed, pb
 from cloud_service.health import HealthCheckResponse, Readiness, UnknownService
 from cloud_service.pipeline import Backends, Pipeline
+from cloud_service.search.service import OFF, SearchService, open_search
+from cloud_service.search.settings import redacted as pg_redacted
 from cloud_service.settings import CloudSettings
 
 log = logging.getLogger("splitclip.cloud.ingress")
@@ -49,16 +51,23 @@ class Ingress:
             score_many=lambda items, texts: scorer.score_many.remote(items, texts),
         )
         self.pipeline = Pipeline(s, backends)
+        # Fleet search: the store is reached on first use (a replica starts while it is down).
+        self.search: SearchService | None = None
+        if s.search:
+            self.search, self.pipeline.indexer = open_search(
+                s, self.pipeline.bundle, queue_rows=s.index_queue_rows, batch_rows=s.index_batch_rows
+            )
         # Health: each downstream deployment answers its cheapest call (stats(): no model run).
         self.readiness = Readiness(
             {"VisionTail": tail.stats.remote, "TextEncoder": text.stats.remote, "Scorer": scorer.stats.remote}
         )
         log.info(
-            "ingress for bundle %s (%d blocks), auth %s, redis %s",
+            "ingress for bundle %s (%d blocks), auth %s, redis %s, search %s",
             self.pipeline.bundle_id,
             self.pipeline.num_blocks,
             "on" if self.pipeline.auth.enabled else "off",
             redacted(s.redis_url) or "off",
+            pg_redacted(s.pg_url) if s.search else "off",
         )
 
     async def Classify(self, frame: pb.Frame | Unparsed, grpc_context: Any = None) -> pb.Result:
@@ -92,6 +101,22 @@ class Ingress:
     async def Hello(self, request: pb.HelloRequest, grpc_context: Any = None) -> pb.HelloResponse:
         return await self._unary("Hello", grpc_context, pb.HelloResponse(), self.pipeline.hello, request)
 
+    async def Search(self, request: pb.SearchRequest, grpc_context: Any = None) -> pb.SearchResponse:
+        return await self._unary("Search", grpc_context, pb.SearchResponse(), self._search, request)
+
+    async def Upload(self, request: pb.UploadRequest, grpc_context: Any = None) -> pb.UploadResponse:
+        return await self._unary("Upload", grpc_context, pb.UploadResponse(), self._upload, request)
+
+    async def _search(self, request: pb.SearchRequest) -> pb.SearchResponse:
+        if self.search is None:
+            raise errors.precondition(OFF)
+        return await self.search.search(request, self.pipeline.query_text, self.pipeline.query_image)
+
+    async def _upload(self, request: pb.UploadRequest) -> pb.UploadResponse:
+        if self.search is None:
+            raise errors.precondition(OFF)
+        return await self.search.upload(request)
+
     async def Check(self, request: Any, grpc_context: Any = None) -> Any:
         """grpc.health.v1 Check. No token: Kubernetes' gRPC probe sends no metadata."""
         if isinstance(request, Unparsed):
@@ -124,6 +149,12 @@ class Ingress:
 
     def clear_memo(self) -> None:
         self.pipeline.clear_memo()
+
+    def __del__(self) -> None:
+        """Serve calls this when the replica stops: write what the indexer holds (a few seconds at most)."""
+        if getattr(self, "search", None) is not None and self.pipeline.indexer is not None:
+            self.pipeline.indexer.close(timeout_s=5.0)
+            self.search.close()
 
 
 def _metadata(grpc_context: Any) -> list[tuple[str, Any]] | None:

@@ -13,9 +13,9 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -29,12 +29,16 @@ from cloud_service.grpc_api import Unparsed, pb
 from cloud_service.metrics import Metrics
 from cloud_service.prompt_resolver import PromptResolver, Resolved, TextFn
 from cloud_service.registry import NodeInfo, NodeRegistry
+from cloud_service.search.service import frame_row
 from cloud_service.settings import CloudSettings
 from splitclip import codec
 from splitclip.bundle import Bundle, load_bundle
 from splitclip.constants import DEFAULT_TOP_K
 from splitclip.prompts import PromptLimits, average_templates
 from splitclip.tower import unit
+
+if TYPE_CHECKING:
+    from cloud_service.search.ingest import Indexer
 
 log = logging.getLogger("splitclip.cloud.ingress")
 
@@ -69,11 +73,13 @@ class Pipeline:
         *,
         bundle: Bundle | None = None,
         metrics: Metrics | None = None,
+        indexer: Indexer | None = None,
     ) -> None:
         self.s = settings
         self.backends = backends
         self.metrics = metrics or Metrics()
-        b = bundle or load_bundle(settings.bundle)
+        self.indexer = indexer  # fleet search: rows of frames sent with `index` go to it (never waited on)
+        self.bundle = b = bundle or load_bundle(settings.bundle)
         self.bundle_id = b.manifest.bundle_id
         self.num_blocks = b.manifest.num_blocks
         self.spec = codec.TensorSpec.from_manifest(b.manifest)
@@ -218,7 +224,13 @@ class Pipeline:
             self.metrics.stage(stage, ms)
         if frame.cut < self.num_blocks:
             self._load(timings["tail"] - timings["queue"], self.num_blocks - frame.cut, timings["queue"])
-        return self.shape_result(frame, prompts, probs, top, timings)
+        result = self.shape_result(frame, prompts, probs, top, timings)
+        if frame.index:  # offer() never blocks or raises: the answer does not wait for the store
+            if self.indexer is None:
+                self.metrics.local["index_ignored"] += 1  # search is off on this cloud
+            elif not self.indexer.offer(frame_row(self.bundle_id, frame, result, img)):
+                self.metrics.local["index_dropped"] += 1
+        return result
 
     def _load(self, tail_ms: float, blocks: int, queue_ms: float, a: float = 0.2) -> None:
         """The moving averages Hello reports (the first frame replaces the zeros)."""
@@ -288,6 +300,15 @@ class Pipeline:
                 t.cancel()
 
     # -- the other RPCs ---------------------------------------------------------------------
+    async def query_text(self, text: str, templates: Sequence[str]) -> Embedding:
+        """A search text's embedding [embed_dim]: the frames' prompt path, its templates averaged."""
+        r = self.prompts.check([text], templates)
+        return average_templates(await self.text_embeddings(r), r.prompts.n_templates)[0]
+
+    async def query_image(self, pixels: NDArray[np.uint8]) -> Embedding:
+        """A search image's embedding [embed_dim]: uint8 [S, S, 3] through the tail at cut 0."""
+        return await self.tail_calls.submit((0, pixels, []))
+
     async def encode_text(self, request: pb.TextRequest) -> pb.TextResponse:
         self.check_bundle(request.bundle_id)
         r = self.prompts.check(request.prompts, request.templates)
@@ -338,6 +359,7 @@ class Pipeline:
             **self.metrics.snapshot(),
             "memo": len(self.prompts.memo),
             "redis_available": self.store.available,
+            **({"index": self.indexer.stats()} if self.indexer is not None else {}),
         }
 
     def reset_stats(self) -> None:

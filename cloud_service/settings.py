@@ -44,6 +44,14 @@ class CloudSettings:
     redis_timeout_s: float = 0.25  # per Redis operation; a slower Redis counts as down
     redis_retry_s: float = 1.0  # while Redis is down, try it again at most this often
     allow_image_upload: bool = True  # False: refuse cut-0 frames (the pixels) with FAILED_PRECONDITION
+    # Fleet search (docs/search.md): keep the embeddings of frames sent with `index` and answer Search /
+    # Upload. Off: Frame.index is ignored (counted) and Search / Upload answer FAILED_PRECONDITION.
+    search: bool = False
+    # PostgreSQL with pgvector of the search store; the replicas never start one: `splitclip cloud
+    # --search` starts an embedded one when this is empty and passes its URL here
+    pg_url: str = ""
+    index_queue_rows: int = 10_000  # rows waiting for the store; beyond it frames' rows are dropped (counted)
+    index_batch_rows: int = 256  # rows per COPY into the store
 
     @staticmethod
     def load(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> CloudSettings:
@@ -67,6 +75,9 @@ class CloudSettings:
             raise SettingsError(f"stream_max_inflight must be >= 1, got {self.stream_max_inflight}")
         if self.heartbeat_interval_s <= 0:
             raise SettingsError(f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
+        for name in ("index_queue_rows", "index_batch_rows"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.grpc_port < 65536:
             raise SettingsError(f"grpc_port must be in 0..65535, got {self.grpc_port}")
 
