@@ -63,6 +63,13 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     p.add_argument("--grpc-port", type=int, default=None, help="Serve's gRPC port (default: config, 9000)")
     p.add_argument("--http-port", type=int, default=None, help="Serve's HTTP port (default: config, 8000)")
+    p.add_argument(
+        "--worker-niceness",
+        type=int,
+        default=None,
+        help="niceness Ray starts its workers at (RAY_worker_niceness; Ray's default 15). The bench's "
+        "clients run at this process's niceness: 0 gives the tail the same share of the cores as them",
+    )
     p.add_argument("--no-unbatched", action="store_true", help="skip the max_batch_size=1 comparison")
     p.add_argument("--no-stream", action="store_true", help="skip the one-bidi-stream row")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
@@ -286,6 +293,7 @@ def run(args: argparse.Namespace) -> int:
         f"({len(frames[0].payload)} B/frame), max_batch_size {mbs}, batch_wait_s {wait}, "
         f"tail ORT threads {threads or 'default'} (spinning off), {os.cpu_count()} CPUs, "
         f"{args.repeat} x {args.duration:.0f} s windows per point (median)"
+        + (f", Ray workers at nice {args.worker_niceness}" if args.worker_niceness is not None else "")
     )
     print(f"bench cloud: {setup}", flush=True)
     raw_d = max(2.0, args.duration / 2)
@@ -304,6 +312,8 @@ def run(args: argparse.Namespace) -> int:
     ref = raw_rows[0].median  # for the progress lines; the report pools both raw runs at max_batch_size
 
     redis = EmbeddedRedis().start()
+    if args.worker_niceness is not None:  # read by the raylet when it starts (a RayConfig entry)
+        os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # noqa: SIM112 (Ray spells it so)
     launch.init_ray(args.num_cpus, log_to_driver=False)
     rows: list[Point] = []
     hist: dict[int, int] = {}
