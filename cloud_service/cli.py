@@ -1,7 +1,9 @@
 """`splitclip cloud --bundle B`: run the cloud service on this machine.
 
 Starts a local Ray, an embedded Valkey (unless SPLITCLIP_REDIS_URL or --redis-url names a Redis),
-deploys deploy/serve_config.yaml with the bundle, prints the gRPC address and serves until Ctrl-C.
+with --search (SPLITCLIP_SEARCH=1) an embedded PostgreSQL for fleet search (unless SPLITCLIP_PG_URL or
+--pg-url names one: the replicas never start one themselves), deploys deploy/serve_config.yaml with
+the bundle, prints the gRPC address and serves until Ctrl-C; it stops what it started on exit.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ deploy/serve_config.yaml (the same file `serve deploy` uses), reachable through 
 as service splitclip.v1.SplitClip. The prompt cache and node registry live in Redis:
 SPLITCLIP_REDIS_URL (or --redis-url) points at one, otherwise an embedded Valkey is started.
 Set SPLITCLIP_NODE_TOKEN to require the token from every node (metadata x-splitclip-token or
-`authorization: Bearer TOKEN`)."""
+`authorization: Bearer TOKEN`). With --search the cloud keeps the embeddings of frames nodes send
+with `index` (SPLITCLIP_INDEX on the node) in PostgreSQL + pgvector and answers the Search and Upload
+RPCs (docs/search.md)."""
 
 
 def build_parser(p: argparse.ArgumentParser) -> None:
@@ -42,6 +46,22 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--redis-url", default=None, help="Redis URL (SPLITCLIP_REDIS_URL); unset: embedded Valkey"
     )
+    p.add_argument(
+        "--search",
+        action="store_true",
+        default=None,
+        help="fleet search: store indexed frames, answer Search / Upload (SPLITCLIP_SEARCH)",
+    )
+    p.add_argument(
+        "--pg-url", default=None, help="PostgreSQL with pgvector (SPLITCLIP_PG_URL); unset: embedded"
+    )
+    p.add_argument(
+        "--pg-data-dir",
+        type=Path,
+        default=None,
+        help="data dir of the embedded PostgreSQL (SPLITCLIP_PG_DATA_DIR; default ~/.cache/splitclip/pg, "
+        "as root /var/lib/splitclip/pg)",
+    )
     p.add_argument("--max-batch-size", type=int, default=None, help="vision tail batch size")
     p.add_argument("--batch-wait-s", type=float, default=None, help="vision tail batch wait in seconds")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
@@ -60,7 +80,13 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # flags > SPLITCLIP_* > defaults; the deployments load the same settings again (plus the config's args)
     settings = CloudSettings.load(
-        {"bundle": args.bundle, "redis_url": args.redis_url, "grpc_port": args.port}
+        {
+            "bundle": args.bundle,
+            "redis_url": args.redis_url,
+            "grpc_port": args.port,
+            "search": args.search,
+            "pg_url": args.pg_url,
+        }
     )
     if not settings.bundle:
         print("error: --bundle (or SPLITCLIP_BUNDLE) is required", file=sys.stderr)
@@ -74,6 +100,20 @@ def run(args: argparse.Namespace) -> int:
         embedded = EmbeddedRedis().start()
         redis_url = embedded.url
         print(f"splitclip cloud: embedded Valkey at {redis_url}", flush=True)
+    pg = None
+    search_args: dict[str, object] = {}
+    if settings.search:
+        pg_url = args.pg_url  # SPLITCLIP_PG_URL the replicas read from their own environment
+        if not settings.pg_url:
+            try:
+                pg = start_embedded_pg(args.pg_data_dir)
+            except Exception:
+                if embedded is not None:
+                    embedded.stop()
+                raise
+            pg_url = pg.url
+            print(f"splitclip cloud: embedded PostgreSQL in {pg.data_dir}", flush=True)
+        search_args = {"search": True, "pg_url": pg_url}
     grpc_port = settings.grpc_port or None  # 0: the Serve config's port
     cfg = launch.with_overrides(
         launch.load_config(args.config),
@@ -82,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
             "redis_url": redis_url,
             "max_batch_size": args.max_batch_size,
             "batch_wait_s": args.batch_wait_s,
+            **search_args,
         },
         grpc_port=grpc_port,
         http_port=args.http_port,
@@ -107,7 +148,26 @@ def run(args: argparse.Namespace) -> int:
         ray.shutdown()
         if embedded is not None:
             embedded.stop()
+        if pg is not None:
+            pg.stop()
     return 0
+
+
+def start_embedded_pg(data_dir: Path | None):  # -> EmbeddedPostgres
+    """The embedded PostgreSQL of `--search` without a URL, migrated once here (the replicas migrate
+    again on connect, a no-op then)."""
+    from cloud_service.search import open_store
+    from cloud_service.search.embedded_pg import EmbeddedPostgres
+    from cloud_service.search.settings import SearchSettings
+
+    pg = EmbeddedPostgres(data_dir or SearchSettings.load().pg_data_dir).start()
+    try:
+        store, _ = open_store(SearchSettings.load({"pg_url": pg.url}))
+        store.close()
+    except BaseException:
+        pg.stop()
+        raise
+    return pg
 
 
 if __name__ == "__main__":

@@ -37,12 +37,18 @@ class CloudProcess:
         log_path: Path | None = None,
         env: dict[str, str] | None = None,
         num_cpus: int = 2,
+        search: bool = False,
+        pg_url: str | None = None,
+        pg_data_dir: Path | None = None,
     ) -> None:
+        """search: fleet search on (`--search`), on `pg_url` or else an embedded PostgreSQL the cloud
+        starts on `pg_data_dir` (default: the cloud's) and stops when it stops."""
         self.bundle = Path(bundle).resolve()
         self.port = port or free_port()
         self.log_path = log_path or Path(f"/tmp/splitclip-cloud-{self.port}.log")
         self.env = env or {}
         self.num_cpus = num_cpus
+        self.search, self.pg_url, self.pg_data_dir = search, pg_url, pg_data_dir
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -70,6 +76,12 @@ class CloudProcess:
             "--http-port", str(free_port()),
             "--num-cpus", str(self.num_cpus),
         ]  # fmt: skip
+        if self.search:
+            cmd.append("--search")
+        if self.pg_url:
+            cmd += ["--pg-url", self.pg_url]
+        if self.pg_data_dir:
+            cmd += ["--pg-data-dir", str(self.pg_data_dir)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         env.pop("RAY_ADDRESS", None)  # always a fresh local Ray, never someone's cluster
         with self.log_path.open("wb") as log:
