@@ -16,7 +16,7 @@ found by writing that batch row by row, and counted as `rejected`; `check_row` r
 ones before they queue.
 
 Stats (`stats()`): queued, written (new rows), duplicates, dropped, rejected, retried (rows that
-were queued when a write or reconnect failed, and landed later), write_errors (failed attempts),
+were queued while the store was down, and landed after it came back), write_errors (failed attempts),
 batches (successful writes), store_up, last_error.
 """
 
@@ -124,7 +124,8 @@ class Indexer:
         self._rows: deque[Row] = deque()
         self._cond = threading.Condition()
         self._closing = False
-        self._failed_head = 0  # rows at the head of the queue that were queued when a write failed
+        self._failed_head = 0  # rows at the head of the queue that were queued while the store was down
+        self._down = False  # the last write or connect failed
         self._store: FrameStore | None = None
         self.counts = dict.fromkeys(
             ("written", "duplicates", "dropped", "rejected", "retried", "write_errors", "batches"), 0
@@ -148,6 +149,8 @@ class Indexer:
                     self.counts["dropped"] += 1
                     return False
                 self._rows.append(row)
+                if self._down:
+                    self._failed_head += 1  # it waits for the store too
                 if len(self._rows) == 1 or len(self._rows) >= self.batch_rows:
                     self._cond.notify()
                 return True
@@ -186,6 +189,7 @@ class Indexer:
             left = len(self._rows)
             self.counts["dropped"] += left
             self._rows.clear()
+            self._failed_head = 0
             self._cond.notify_all()  # a writer still retrying sees the empty queue and ends
         if self._store is not None and not self._thread.is_alive():
             with contextlib.suppress(Exception):
@@ -235,6 +239,7 @@ class Indexer:
                 self.counts["duplicates"] += len(batch) - rejected - new
                 self.counts["rejected"] += rejected
                 self.counts["batches"] += 1
+                self._down = False
                 self._cond.notify_all()  # wait_idle
 
     def _write(self, store: FrameStore, batch: list[Row]) -> tuple[int, int]:
@@ -259,6 +264,7 @@ class Indexer:
         with self._cond:
             self.counts["write_errors"] += 1
             self._failed_head = len(self._rows)  # all of them wait for the store now
+            self._down = True
             self.store_up = False
             self.last_error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         if self._store is not None:
