@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sqlite3
 import threading
 from typing import Any
 
@@ -31,8 +32,9 @@ from edge_node.breaker import CircuitBreaker
 from edge_node.client import CloudClient
 from edge_node.journal import Entry, Journal, Uploader
 from edge_node.results import EdgeResult
-from edge_node.settings import EdgeSettings
+from edge_node.settings import EdgeSettings, default_node_id
 from edge_node.tickets import Ticket
+from splitclip.settings import SettingsError
 from splitclip.wire import pb
 
 log = logging.getLogger("splitclip.edge")
@@ -45,19 +47,15 @@ class ShortAck(RuntimeError):
 
 
 class NodeIndex:
-    """The node's part in fleet search; with `settings.index` off every method is a no-op."""
+    """The node's part in fleet search; with `settings.index` off every method is a no-op. The
+    journal opens here (a file that cannot be opened is a SettingsError); `start(client)` starts
+    the upload thread once the node has a cloud client and said its first Hello."""
 
-    def __init__(
-        self,
-        settings: EdgeSettings,
-        bundle_id: str,
-        breaker: CircuitBreaker,
-        client: CloudClient | None,
-    ) -> None:
+    def __init__(self, settings: EdgeSettings, bundle_id: str, breaker: CircuitBreaker) -> None:
         self.settings = settings
         self.bundle_id = bundle_id
         self.breaker = breaker
-        self.client = client
+        self.client: CloudClient | None = None
         self.enabled = settings.index
         self.journal: Journal | None = None
         self.uploader: Uploader | None = None
@@ -68,16 +66,33 @@ class NodeIndex:
         self._thread: threading.Thread | None = None
         if not self.enabled:
             return
-        self.journal = Journal(settings.journal_path(bundle_id), max_entries=settings.journal_max_entries)
-        if client is None:
-            return  # local only: the journal keeps everything until a node with a cloud uploads it
+        path = settings.journal_path(bundle_id)
+        try:
+            self.journal = Journal(path, max_entries=settings.journal_max_entries)
+        except (sqlite3.Error, OSError) as e:
+            raise SettingsError(f"journal {path} cannot be opened: {e} (SPLITCLIP_JOURNAL)") from None
+        if settings.node_id == default_node_id():
+            log.warning(
+                "index is on with the default node id %s, which has the pid in it: a restarted node will not "
+                "find this journal (%s); set SPLITCLIP_NODE_ID",
+                settings.node_id,
+                path,
+            )
+
+    def start(self, client: CloudClient | None) -> None:
+        """Upload the journal through `client` from now on (None: local only, the journal keeps
+        everything until a run with a cloud uploads it)."""
+        if self.journal is None or client is None or self._thread is not None:
+            return
+        self.client = client
+        settings = self.settings
         self.uploader = Uploader(
             self.journal,
             self._send,
             batch=settings.upload_batch,
             rate_per_s=settings.upload_rate_per_s,
             sleep=self._stop.wait,
-            bundle_id=bundle_id,
+            bundle_id=self.bundle_id,
         )
         self._thread = threading.Thread(target=self._run, name="edge-upload", daemon=True)
         self._thread.start()

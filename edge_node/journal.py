@@ -2,7 +2,7 @@
 
 A node with indexing on answers some frames by itself (no cloud, breaker open, deadline passed). Their
 image embeddings go into a small SQLite file beside the node (`SPLITCLIP_JOURNAL`), and when the
-cloud is back the uploader sends them, oldest first, in batches, at a limited rate. A batch leaves the
+cloud is back the uploader sends them, oldest first (by capture time), in batches, at a limited rate. A batch leaves the
 journal only once the cloud has acknowledged it; the cloud's store is idempotent on
 (bundle, node, frame), so a batch sent twice (acknowledged but the node crashed before deleting it)
 is still stored once. Exactly once in the store = at least once from here + idempotent there.
@@ -25,7 +25,7 @@ import numpy as np
 SCHEMA_VERSION = 1  # PRAGMA user_version of the file; another version is refused, never guessed at
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pending (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,   -- arrival order: oldest first
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,   -- arrival order: among frames of one time
     bundle_id TEXT NOT NULL,
     node_id TEXT NOT NULL,
     frame_id INTEGER NOT NULL,               -- unique per node across restarts (tickets.frame_ids)
@@ -35,6 +35,8 @@ CREATE TABLE IF NOT EXISTS pending (
     embedding BLOB NOT NULL,                 -- float32 [dim], L2-normalised
     UNIQUE (bundle_id, node_id, frame_id)    -- the cloud store's key
 );
+-- oldest first is by capture time: a frame lost in flight and re-run here arrives after later frames
+CREATE INDEX IF NOT EXISTS pending_oldest ON pending (bundle_id, ts, seq);
 """
 
 
@@ -95,12 +97,13 @@ class Journal:
             return cur.rowcount == 1
 
     def oldest(self, limit: int, *, bundle_id: str | None = None) -> list[Entry]:
-        """The `limit` oldest entries (of one bundle, if given: a node uploads only its own bundle's)."""
+        """The `limit` oldest entries by capture time (`ts`, then arrival), of one bundle if given (a
+        node uploads only its own bundle's)."""
         where, args = ("WHERE bundle_id = ?", (bundle_id,)) if bundle_id is not None else ("", ())
         with self._lock:
             rows = self._db.execute(
                 "SELECT seq, bundle_id, node_id, frame_id, ts, source, labels, embedding FROM pending"
-                f" {where} ORDER BY seq LIMIT ?",
+                f" {where} ORDER BY ts, seq LIMIT ?",
                 (*args, limit),
             ).fetchall()
         return [

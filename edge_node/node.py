@@ -113,6 +113,7 @@ class EdgeNode:
             probe_max=s.probe_max_s,
             on_change=lambda old, new, why: log_breaker_change(s.cloud, old, new, why),
         )
+        self.index = NodeIndex(s, self.bundle_id, self.breaker)  # fleet search, if on: the journal
         self.client: CloudClient | None = None
         self.health: CloudHealth | None = None
         self._pixels_refused: str | None = None  # the cloud said it takes no cut-0 frames: the reason
@@ -129,7 +130,7 @@ class EdgeNode:
                 frames_answered=lambda: self.stats.frames,
             )
             self.health.start()
-        self.index = NodeIndex(s, self.bundle_id, self.breaker, self.client)  # fleet search, if on
+        self.index.start(self.client)  # uploads the journal while the breaker is closed
 
     # -- public API ------------------------------------------------------------------------------
     @property

@@ -77,6 +77,11 @@ def command_cut(
     return cut
 
 
+def default_node_id() -> str:
+    """The node id when SPLITCLIP_NODE_ID is unset: unique per process, so not stable across restarts."""
+    return f"edge-{socket.gethostname()}-{os.getpid()}"
+
+
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "demo"  # built by `make demo`
 
 
@@ -160,7 +165,7 @@ class EdgeSettings:
             values["node_token"] = Path(token_file).read_text().strip() or None
         s = EdgeSettings(**values)
         if not s.node_id:
-            s = replace(s, node_id=f"edge-{socket.gethostname()}-{os.getpid()}")
+            s = replace(s, node_id=default_node_id())
         s.validate()
         return s
 

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 
 from edge_node.metrics import NodeMetrics
 from edge_node.node import EdgeNode
 from edge_node.tickets import frame_ids
 from splitclip.runtime import BundleRuntime
+from splitclip.settings import SettingsError
 from splitclip.tower import Tower
 from tests.edge.conftest import PROMPTS
 from tests.edge.refcloud import RefCloud
@@ -170,3 +172,18 @@ def test_an_unreachable_cloud_keeps_the_journal(
         wait_for(lambda: node.index.uploaded == 1, "the retry after the failed Upload")
         assert node.index.uploader.stats.failures == 1
     assert [x.frame_id for x in cloud.stored("cam-1", via="upload")] == [r.frame_id]
+
+
+def test_a_journal_that_cannot_be_opened_is_a_settings_error(bundle: Path, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SettingsError, match="journal .*cannot be opened"):
+        EdgeNode(bundle, index=True, journal=tmp_path / "file" / "j.sqlite")
+
+
+def test_index_with_the_default_node_id_warns_that_a_restart_loses_the_journal(
+    bundle: Path, tmp_path: Path, caplog
+) -> None:
+    with EdgeNode(bundle, index=True, cache_dir=tmp_path) as node:
+        assert node.index.journal is not None
+        assert node.index.journal.path.parent == tmp_path / "journal"
+    assert "default node id" in caplog.text and "SPLITCLIP_NODE_ID" in caplog.text

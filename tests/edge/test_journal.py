@@ -30,9 +30,12 @@ def test_entries_come_back_oldest_first_with_every_field(tmp_path) -> None:
     j = Journal(tmp_path / "j.sqlite")
     for i in (3, 1, 2):
         assert j.add(entry(i))
+    same_time = Entry("b-1", "cam-1", BOOT - 5, 1002.0, "late", (), entry(0).embedding)
+    assert j.add(same_time)
     got = j.oldest(10)
-    assert [e.frame_id - BOOT for e in got] == [3, 1, 2]  # arrival order, not id order
-    e, want = got[1], entry(1)
+    # by capture time (a frame re-run locally may arrive after later ones), then arrival
+    assert [e.frame_id - BOOT for e in got] == [1, 2, -5, 3]
+    e, want = got[0], entry(1)
     assert (e.bundle_id, e.node_id, e.ts, e.source, e.labels) == (
         want.bundle_id,
         want.node_id,
