@@ -26,11 +26,11 @@ from typing import TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from cloud_service import errors
 from cloud_service.grpc_api import pb
-from cloud_service.search.ingest import Indexer, check_row, connect, is_down
+from cloud_service.search.ingest import TS_MAX, Indexer, check_row, connect, is_down
 from cloud_service.search.settings import SearchSettings
 from cloud_service.search.store import FrameStore, Hit, Row, StoreError
 from cloud_service.settings import CloudSettings, SettingsError
@@ -77,8 +77,9 @@ def decode_image(data: bytes, cfg: PreprocessConfig) -> NDArray[np.uint8]:
             return to_model_input(im, cfg)
     except errors.ServiceError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise errors.invalid(f"image: not a readable image file ({type(e).__name__}: {e})") from e
+    except Exception as e:  # pillow's decoders raise many kinds (OSError, SyntaxError, struct.error, ...)
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise errors.invalid(f"image: not a readable image file ({type(e).__name__}: {first})") from e
 
 
 def text_value(what: str, value: str) -> str:
@@ -91,8 +92,10 @@ def text_value(what: str, value: str) -> str:
 
 def time_value(what: str, value: float) -> float | None:
     """A time filter: None when unset (0), else seconds since the epoch."""
-    if not math.isfinite(value) or value < 0:
-        raise errors.invalid(f"{what}: must be seconds since the epoch (>= 0, 0 = unset), got {value}")
+    if not (math.isfinite(value) and 0 <= value < TS_MAX):  # beyond it PostgreSQL's timestamps overflow
+        raise errors.invalid(
+            f"{what}: must be seconds since the epoch in 0..{TS_MAX:.0f} (0 = unset), got {value}"
+        )
     return value or None
 
 

@@ -161,6 +161,7 @@ def test_search_refuses_bad_requests_with_the_reason(tiny_bundle_dir, redis_serv
             "since after until": pb.SearchRequest(text="a cat", since=T0 + 10, until=T0),
             "nan since": pb.SearchRequest(text="a cat", since=float("nan")),
             "negative until": pb.SearchRequest(text="a cat", until=-1),
+            "since beyond timestamps": pb.SearchRequest(text="a cat", since=1e300),  # found by the fuzzer
             "empty node id": pb.SearchRequest(text="a cat", node_ids=["a", ""]),
             "templates with an image": pb.SearchRequest(image=ok, templates=["a photo of a {}"]),
             "not an image": pb.SearchRequest(image=b"GIF89a but not really"),
