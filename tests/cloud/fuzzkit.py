@@ -6,6 +6,7 @@ strategies that draw recipes (plain data) the tests apply to the good requests."
 
 from __future__ import annotations
 
+import io
 import math
 from collections import Counter
 from dataclasses import dataclass, fields
@@ -15,15 +16,20 @@ import numpy as np
 from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from benchmarks.cloud_client import CHANNEL_OPTIONS, FrameMaker, metadata
 from cloud_service.grpc_api import pb
 from cloud_service.health import CHECK_METHOD, SERVING, HealthCheckRequest, HealthCheckResponse
+from cloud_service.search import service as search
+from cloud_service.search.ingest import TS_MAX, check_row
+from cloud_service.search.store import Row
 from splitclip import codec
 from splitclip.prompts import PromptError, PromptLimits, prompt_set
 from splitclip.runtime import BundleRuntime
 
 C = grpc.StatusCode
+T0 = 1_760_000_000.0  # captured_at of the uploaded rows (0 = now: later than this, also fine)
 PROMPTS = ["a photo of a cat", "a photo of a dog", "a red circle"]
 # the fixture's limits (tests/cloud/conftest.py); max_templates is the default
 MAX_PAYLOAD = 256 * 1024
@@ -33,6 +39,8 @@ METHODS: dict[str, tuple[str, type[Message], type[Message]]] = {
     "EncodeText": ("/splitclip.v1.SplitClip/EncodeText", pb.TextRequest, pb.TextResponse),
     "Hello": ("/splitclip.v1.SplitClip/Hello", pb.HelloRequest, pb.HelloResponse),
     "Check": (CHECK_METHOD, HealthCheckRequest, HealthCheckResponse),
+    "Search": ("/splitclip.v1.SplitClip/Search", pb.SearchRequest, pb.SearchResponse),
+    "Upload": ("/splitclip.v1.SplitClip/Upload", pb.UploadRequest, pb.UploadResponse),
 }
 STREAM_METHOD = "/splitclip.v1.SplitClip/ClassifyStream"
 HEALTHY_SERVICES = ("", "splitclip.v1.SplitClip")
@@ -63,6 +71,7 @@ class Api:
         self.maker = FrameMaker(runtime)
         self.bid = runtime.manifest.bundle_id
         self.L = runtime.num_blocks
+        self.dim = runtime.manifest.embed_dim
         self.known_sets: dict[str, int] = {}  # prompt_set_id -> labels, registered by EncodeText
         self.limits = codec.Limits(max_payload_bytes=MAX_PAYLOAD)
         img = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
@@ -81,7 +90,16 @@ class Api:
             ),
             "Hello": pb.HelloRequest(node_id="fuzz-node", bundle_id=self.bid, codecs=["lossless"], cuts=[1]),
             "Check": HealthCheckRequest(service="splitclip.v1.SplitClip"),
-        }
+            "Search": pb.SearchRequest(text="a red circle", k=5),
+            "Upload": pb.UploadRequest(node_id="fuzz-up", bundle_id=self.bid, frames=[
+                pb.IndexedFrame(frame_id=1, captured_at=T0, source="fuzz", labels=["cat"], embedding=self.unit_bytes()),
+            ]),
+        }  # fmt: skip
+        self.image = png(img)  # a good image file for Search
+
+    def unit_bytes(self, seed: int = 0) -> bytes:
+        x = np.random.default_rng(seed).standard_normal(self.dim).astype("<f4")
+        return (x / np.linalg.norm(x)).astype("<f4").tobytes()
 
     def payload(self, cut: int, preset: str = "lossless") -> bytes:
         spec, cal = self.maker.spec, self.maker.calibration
@@ -164,6 +182,49 @@ class Api:
     def expect_Check(self, r: HealthCheckRequest) -> grpc.StatusCode:
         return C.OK if r.service in HEALTHY_SERVICES else C.NOT_FOUND
 
+    def expect_Search(self, r: pb.SearchRequest) -> grpc.StatusCode:
+        """In the order cloud_service/search/service.py checks (docs/search.md, Search)."""
+        if r.bundle_id and r.bundle_id != self.bid:
+            return C.FAILED_PRECONDITION
+        if bool(r.text.strip()) == bool(r.image) or (r.image and r.templates):
+            return C.INVALID_ARGUMENT
+        if len(r.image) > MAX_PAYLOAD:
+            return C.RESOURCE_EXHAUSTED
+        if (r.k or 10) > search.MAX_K or len(r.node_ids) > search.MAX_NODE_FILTERS:
+            return C.INVALID_ARGUMENT
+        if any(not text_ok(n) or not n for n in r.node_ids) or not text_ok(r.label):
+            return C.INVALID_ARGUMENT
+        times = (r.since, r.until)
+        if not all(math.isfinite(t) and 0 <= t < TS_MAX for t in times) or (
+            r.since and r.until and r.since > r.until
+        ):
+            return C.INVALID_ARGUMENT
+        if r.text.strip():
+            return C.OK if self.prompts_ok([r.text], r.templates) else C.INVALID_ARGUMENT
+        try:
+            search.decode_image(r.image, self.maker.tower.cfg)
+        except Exception:
+            return C.INVALID_ARGUMENT
+        return C.OK
+
+    def expect_Upload(self, r: pb.UploadRequest) -> grpc.StatusCode:
+        if not r.node_id or not text_ok(r.node_id) or not r.bundle_id:
+            return C.INVALID_ARGUMENT
+        if r.bundle_id != self.bid:
+            return C.FAILED_PRECONDITION
+        if len(r.frames) > search.MAX_UPLOAD_FRAMES:
+            return C.INVALID_ARGUMENT
+        for f in r.frames:
+            if len(f.embedding) != 4 * self.dim or len(f.labels) > search.MAX_LABELS:
+                return C.INVALID_ARGUMENT
+            if not text_ok(f.source) or not all(text_ok(x) for x in f.labels):
+                return C.INVALID_ARGUMENT
+            emb = np.frombuffer(f.embedding, "<f4").astype(np.float32)
+            ts = f.captured_at if f.captured_at != 0 else T0
+            if check_row(Row(self.bid, r.node_id, f.frame_id, ts, f.source, tuple(f.labels), emb), self.dim):
+                return C.INVALID_ARGUMENT
+        return C.OK
+
     @staticmethod
     def prompts_ok(prompts, templates) -> bool:
         try:
@@ -191,8 +252,24 @@ class Api:
             assert resp.bundle_id == self.bid and emb.size == n * resp.dim and np.isfinite(emb).all()
         elif method == "Hello":
             assert resp.accepted == (req.bundle_id == self.bid) and resp.cloud_bundle_id == self.bid
+        elif method == "Search":
+            self.check_hits(req, resp)
+        elif method == "Upload":
+            assert resp.stored + resp.duplicates == len(req.frames)
         else:
             assert resp.status == SERVING
+
+    def check_hits(self, req: pb.SearchRequest, resp: pb.SearchResponse) -> None:
+        """At most k hits, best first, each within every filter the request set."""
+        assert resp.bundle_id == self.bid and len(resp.hits) <= (req.k or 10)
+        scores = [h.score for h in resp.hits]
+        assert scores == sorted(scores, reverse=True) and all(-1.001 <= x <= 1.001 for x in scores)
+        for h in resp.hits:
+            assert not req.node_ids or h.node_id in req.node_ids
+            assert (not req.since or h.captured_at >= req.since - 1e-3) and (
+                not req.until or h.captured_at <= req.until + 1e-3
+            )
+            assert not req.label or req.label in h.labels
 
     def check_result(self, f: pb.Frame, r: pb.Result) -> None:
         assert not r.error.code, f"frame {f.frame_id}: {r.error.code} ({r.error.message})"
@@ -309,6 +386,8 @@ STRING_FIELDS = {
     "EncodeText": [1, 2, 3, 4],
     "Hello": [1, 2, 3, 5, 6],
     "Check": [1],
+    "Search": [1, 2, 3, 6, 9],
+    "Upload": [1, 2],
 }
 
 
@@ -324,6 +403,106 @@ def length_delimited(field: int, value: bytes) -> bytes:
 
 
 EXTREMES = [math.nan, math.inf, -math.inf, 3.4e38, -3.4e38, 1e30, 1e-45, -0.0]
+
+
+def text_ok(value: str) -> bool:
+    """A node id, source, label or filter the search store can hold (search.text_value)."""
+    return len(value) <= search.MAX_TEXT_CHARS and "\x00" not in value
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+times = st.one_of(st.sampled_from([0.0, -1.0, T0, T0 + 1e6, 1e300, *EXTREMES]), st.floats(0, 2e9))
+search_changes = st.lists(st.one_of(
+    st.tuples(st.just("bundle_id"), st.one_of(st.sampled_from(["", "b-ffffffffffffffff", "bundle"]), odd_text)),
+    st.tuples(st.just("text"), st.one_of(st.sampled_from(["", "  ", "a cat", "x" * 61, "\x00"]), odd_text)),
+    st.tuples(st.just("templates"), template_lists),
+    st.tuples(st.just("image"), st.one_of(
+        st.sampled_from(["good", "truncated", "oversize", "tiny", "gif", "16bit"]), st.binary(max_size=200)
+    )),
+    st.tuples(st.just("k"), st.one_of(st.integers(0, 1002), EDGE_U32)),
+    st.tuples(st.just("node_ids"), st.one_of(
+        st.lists(st.one_of(st.sampled_from(["fuzz-up", "", "x" * 301]), odd_text), max_size=4),
+        st.integers(65, 70).map(lambda n: [f"n{i}" for i in range(n)]),
+    )),
+    st.tuples(st.sampled_from(["since", "until"]), times),
+    st.tuples(st.just("label"), st.one_of(st.sampled_from(["", "cat", "x" * 301]), odd_text)),
+), min_size=1, max_size=4)  # fmt: skip
+
+indexed_frames = st.lists(st.tuples(
+    st.sampled_from(["good", "short", "long", "nan", "zero", "scaled", "random"]),
+    st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 2**63 - 1, 2**63])),
+    times,
+    odd_text,  # source
+    st.one_of(st.lists(odd_text, max_size=3), st.just(["l"] * 33)),
+), max_size=5)  # fmt: skip
+upload_changes = st.lists(st.one_of(
+    st.tuples(st.just("bundle_id"), st.one_of(st.sampled_from(["", "b-ffffffffffffffff"]), odd_text)),
+    st.tuples(st.just("node_id"), st.one_of(st.sampled_from(["", "fuzz-up", "x" * 301]), odd_text)),
+    st.tuples(st.just("frames"), st.one_of(indexed_frames, st.just("too-many"))),
+), min_size=1, max_size=3)  # fmt: skip
+
+
+def apply_search_changes(api: Api, changes: list[tuple[str, object]]) -> pb.SearchRequest:
+    r = pb.SearchRequest()
+    r.CopyFrom(api.good_requests["Search"])
+    for name, value in changes:
+        if name == "image":
+            r.text = ""  # an image query (a later text change may make it both)
+            r.image = image_bytes(api, value)  # type: ignore[arg-type]
+        elif name in ("templates", "node_ids"):
+            r.ClearField(name)
+            getattr(r, name).extend(value)  # type: ignore[call-overload]
+        else:
+            setattr(r, name, value)
+    return r
+
+
+def image_bytes(api: Api, how: str | bytes) -> bytes:
+    if isinstance(how, bytes):
+        return how
+    pixels = np.random.default_rng(1).integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    if how == "gif":
+        Image.fromarray(pixels).save(buf, format="GIF")
+    elif how == "16bit":
+        Image.fromarray(pixels[..., 0].astype(np.uint16) * 257).save(buf, format="PNG")
+    else:
+        return {"good": api.image, "truncated": api.image[: len(api.image) // 2], "tiny": png(pixels),
+                "oversize": b"\0" * (MAX_PAYLOAD + 1)}[how]  # fmt: skip
+    return buf.getvalue()
+
+
+def apply_upload_changes(api: Api, changes: list[tuple[str, object]]) -> pb.UploadRequest:
+    r = pb.UploadRequest()
+    r.CopyFrom(api.good_requests["Upload"])
+    for name, value in changes:
+        if name != "frames":
+            setattr(r, name, value)
+            continue
+        r.ClearField("frames")
+        if value == "too-many":
+            good = api.good_requests["Upload"].frames[0]  # type: ignore[attr-defined]
+            r.frames.extend([good] * (search.MAX_UPLOAD_FRAMES + 1))
+            continue
+        for i, (kind, frame_id, ts, source, labels) in enumerate(value):  # type: ignore[attr-defined]
+            good = np.frombuffer(api.unit_bytes(i), "<f4")
+            emb = {
+                "good": good.tobytes(), "short": good[:-1].tobytes(), "long": np.r_[good, 0].astype("<f4").tobytes(),
+                "nan": np.full_like(good, np.nan).tobytes(), "zero": np.zeros_like(good).tobytes(),
+                "scaled": (good * 1.5).astype("<f4").tobytes(), "random": bytes(range(4 * api.dim)),
+            }[kind]  # fmt: skip
+            r.frames.append(
+                pb.IndexedFrame(
+                    frame_id=frame_id, captured_at=ts, source=source, labels=labels, embedding=emb
+                )
+            )
+    return r
+
 
 other_changes = st.one_of(
     st.tuples(st.just("EncodeText"), st.lists(st.one_of(

@@ -1,5 +1,5 @@
 """Bad input over the real gRPC API: a hypothesis fuzzer through Serve's gRPC proxy (one local Ray for
-the module, conftest.cloud), over a raw channel (tests/cloud/fuzzkit.py: the requests, the expected
+the module: conftest.cloud's, with fleet search on against a real embedded PostgreSQL), over a raw channel (tests/cloud/fuzzkit.py: the requests, the expected
 statuses, the strategies).
 
 Each case must get the status docs/cloud.md defines for it, with details, and an OK answer must be a
@@ -11,7 +11,10 @@ Derandomized: the same cases every run. `-s` prints the inputs tried per categor
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -24,6 +27,7 @@ from cloud_service.health import CHECK_METHOD, SERVING, HealthCheckResponse
 from splitclip import codec
 from splitclip.codec.frame import frame as framed  # header + body, body_len and crc32 filled in
 from splitclip.runtime import BundleRuntime
+from tests.cloud.conftest import TOKEN, Cloud
 from tests.cloud.fuzzkit import (
     BAD_UTF8,
     EDGE_U32,
@@ -38,14 +42,50 @@ from tests.cloud.fuzzkit import (
     Api,
     C,
     apply_frame_changes,
+    apply_search_changes,
+    apply_upload_changes,
     byte_mutations,
     frame_changes,
     length_delimited,
     mutate_bytes,
     odd_text,
     other_changes,
+    search_changes,
     stream_items,
+    upload_changes,
 )
+
+
+@pytest.fixture(scope="module")
+def cloud(tiny_bundle_dir: Path, redis_server):
+    """conftest.cloud's service and arguments, with fleet search on (Search / Upload validate for real)."""
+    import ray
+    from ray import serve
+
+    from cloud_service import launch
+    from cloud_service.search.embedded_pg import EmbeddedPostgres
+    from demo.cloudproc import free_port
+
+    base = Path(tempfile.mkdtemp(prefix="splitclip-fuzz-pg-"))
+    base.chmod(0o755)  # as root the server runs as user pgserver, which must traverse it
+    pg = EmbeddedPostgres(base / "data").start()
+    launch.init_ray(2, log_to_driver=False)
+    try:
+        grpc_port = free_port()
+        args = {
+            "bundle": str(tiny_bundle_dir.resolve()), "redis_url": redis_server.url, "max_batch_size": 16,
+            "batch_wait_s": 0.02, "max_payload_bytes": 256 * 1024, "redis_retry_s": 0.2, "redis_timeout_s": 2.0,
+            "max_prompts": 8, "max_prompt_chars": 60, "search": True, "pg_url": pg.url,
+        }  # fmt: skip
+        cfg = launch.with_overrides(launch.load_config(), args=args, grpc_port=grpc_port, http_port=free_port(),
+                                    env={"SPLITCLIP_NODE_TOKEN": TOKEN})  # fmt: skip
+        launch.deploy(cfg)
+        yield Cloud(f"127.0.0.1:{grpc_port}", tiny_bundle_dir, redis_server, TOKEN)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        pg.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +230,29 @@ def test_text_hello_and_check_requests_with_bad_fields_get_their_status(api):
         api.check(f"{method}-fields", method, raw, api.call(method, raw))
 
     case()
+    api.still_serving()
+
+
+def test_search_and_upload_requests_with_bad_fields_get_their_status(api):
+    """Search: text and image together or neither, bad templates, images that are no image file (or too
+    big), k beyond 1000, too many or odd node filters, NaN / negative / crossed times. Upload: missing or
+    odd ids, embeddings of the wrong size, not unit, NaN, frame ids beyond bigint, odd times and labels.
+    OK answers are checked too: hits within their filters, best first; stored + duplicates = frames."""
+    assert api.call("Upload", api.good_requests["Upload"].SerializeToString()).code == C.OK  # rows to find
+
+    @settings(FUZZ, max_examples=120)
+    @given(method=st.sampled_from(["Search", "Upload"]), data=st.data())
+    def case(method: str, data: st.DataObject) -> None:
+        if method == "Search":
+            msg = apply_search_changes(api, data.draw(search_changes))
+        else:
+            msg = apply_upload_changes(api, data.draw(upload_changes))
+        raw = msg.SerializeToString()
+        api.check(f"{method}-fields", method, raw, api.call(method, raw))
+
+    case()
+    good = api.call("Search", pb.SearchRequest(text="a cat", node_ids=["fuzz-up"]).SerializeToString())
+    assert good.code == C.OK and [h.frame_id for h in pb.SearchResponse.FromString(good.body).hits] == [1]
     api.still_serving()
 
 
