@@ -330,3 +330,36 @@ def test_store_link_reconnects_after_the_store_comes_back(runtime) -> None:
         link.close()
         server.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_ingress_answers_search_and_upload_only_when_search_is_on(tiny_bundle_dir, redis_server, pg):
+    """The Ingress class itself, without Serve: its three downstream handles are stand-ins that are never
+    called here (Search with search off, Upload, stats need none of them)."""
+    from types import SimpleNamespace
+
+    from cloud_service.ingress import Ingress
+
+    handle = SimpleNamespace(stats=SimpleNamespace(remote=None))  # only looked up, never called here
+    base = {"bundle": str(tiny_bundle_dir), "redis_url": redis_server.url}
+
+    async def scenario() -> None:
+        off = Ingress.func_or_class(handle, handle, handle, base)
+        for call in (off.Search(pb.SearchRequest(text="a cat")), off.Upload(pb.UploadRequest())):
+            with pytest.raises(errors.ServiceError) as e:
+                await call
+            assert (
+                code_of(e) == grpc.StatusCode.FAILED_PRECONDITION and "SPLITCLIP_SEARCH=1" in e.value.message
+            )
+        assert "index" not in off.stats()
+        await off.pipeline.close()
+
+        on = Ingress.func_or_class(handle, handle, handle, {**base, "search": True, "pg_url": pg.url})
+        bundle = on.pipeline.bundle_id
+        r = await on.Upload(pb.UploadRequest(node_id="ing", bundle_id=bundle))
+        assert (r.stored, r.duplicates) == (0, 0)
+        assert on.stats()["index"]["queued"] == 0
+        on.__del__()  # what Serve calls when the replica stops: the indexer is closed
+        assert not on.pipeline.indexer._thread.is_alive()
+        await on.pipeline.close()
+
+    asyncio.run(scenario())
