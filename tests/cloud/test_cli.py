@@ -1,15 +1,22 @@
 """`splitclip cloud` as a user runs it: a subprocess that starts Ray, an embedded Valkey and Serve,
-prints the gRPC address, answers, and shuts everything down on SIGTERM."""
+prints the gRPC address, answers, and shuts everything down on SIGTERM. With `--search` and no
+SPLITCLIP_PG_URL it also starts an embedded PostgreSQL on --pg-data-dir, the replicas store and search
+through it, and the clean stop stops that server too."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
+import psutil
 
 from benchmarks.cloud_client import CloudClient
 from cloud_service.grpc_api import pb
@@ -19,13 +26,21 @@ from splitclip.bundle import load_bundle
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def postmaster_running(data_dir: Path) -> bool:
+    pid_file = data_dir / "postmaster.pid"
+    return pid_file.exists() and psutil.pid_exists(int(pid_file.read_text().split()[0]))
+
+
 def test_splitclip_cloud_serves_until_sigterm(tiny_bundle_dir, tmp_path):
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "SPLITCLIP_REDIS_URL"}
+    env = {k: v for k, v in os.environ.items() if k not in ("SPLITCLIP_REDIS_URL", "SPLITCLIP_PG_URL")}
     env["SPLITCLIP_NODE_TOKEN"] = "cli-token"
+    base = Path(tempfile.mkdtemp(prefix="splitclip-cli-pg-"))
+    base.chmod(0o755)  # as root the server runs as user pgserver, which must traverse it
+    pg_dir = base / "pg"
     log = (tmp_path / "cloud.log").open("w+")
     cmd = [sys.executable, "-m", "cloud_service.cli", "--bundle", str(tiny_bundle_dir), "--port", str(port),
-           "--http-port", str(free_port()), "--num-cpus", "2"]  # fmt: skip
+           "--http-port", str(free_port()), "--num-cpus", "2", "--search", "--pg-data-dir", str(pg_dir)]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300  # a loaded CI box starts Ray slowly
@@ -36,11 +51,20 @@ def test_splitclip_cloud_serves_until_sigterm(tiny_bundle_dir, tmp_path):
             time.sleep(0.5)
             log.seek(0)
             text = log.read()
-        assert "embedded Valkey" in text
-        bundle_id = load_bundle(tiny_bundle_dir).id
+        assert "embedded Valkey" in text and f"embedded PostgreSQL in {pg_dir}" in text
+        assert postmaster_running(pg_dir)
+        manifest = load_bundle(tiny_bundle_dir).manifest
+        bundle_id = manifest.bundle_id
         with CloudClient(f"127.0.0.1:{port}", token="cli-token") as c:
             resp = c.hello(pb.HelloRequest(node_id="cli-node", bundle_id=bundle_id))
-        assert resp.accepted and resp.cloud_bundle_id == bundle_id
+            assert resp.accepted and resp.cloud_bundle_id == bundle_id
+            emb = np.zeros(manifest.embed_dim, "<f4")
+            emb[0] = 1.0
+            up = pb.UploadRequest(node_id="cli-node", bundle_id=bundle_id,
+                                  frames=[pb.IndexedFrame(frame_id=1, captured_at=1.0, embedding=emb.tobytes())])  # fmt: skip
+            assert c.stub.Upload(up, metadata=c.md, timeout=60).stored == 1
+            hits = c.stub.Search(pb.SearchRequest(text="a cat", k=5), metadata=c.md, timeout=60).hits
+            assert [(h.node_id, h.frame_id) for h in hits] == [("cli-node", 1)]
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -50,3 +74,5 @@ def test_splitclip_cloud_serves_until_sigterm(tiny_bundle_dir, tmp_path):
             raise
     log.seek(0)
     assert rc == 0, log.read()
+    assert not postmaster_running(pg_dir)  # the clean stop stopped the embedded PostgreSQL too
+    shutil.rmtree(base, ignore_errors=True)
