@@ -18,6 +18,13 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 DEFAULT_TOP_K = 5
 
+# Fleet search limits both sides keep (the cloud refuses beyond them; a node keeps its journal within
+# them, so that an entry the cloud would refuse cannot block the upload of those behind it).
+SEARCH_MAX_K = 1000  # hits per Search
+UPLOAD_MAX_FRAMES = 4096  # frames per Upload call
+INDEX_MAX_LABELS = 32  # top labels stored with a frame
+INDEX_MAX_TEXT_CHARS = 300  # a node id, source or label stored with a frame (no NUL characters)
+
 
 def package_version() -> str:
     try:
