@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from cloud_service.search.embedded_pg import EmbeddedPostgres
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / "models" / "demo-clip"
@@ -71,3 +78,25 @@ def sample_images() -> list[Path]:
     paths = sorted(SAMPLES.glob("*.png"))
     assert paths, f"no sample images in {SAMPLES}"
     return paths
+
+
+def pg_base_dir(prefix: str) -> Path:
+    """A fresh directory for an embedded PostgreSQL's data dir: mkdtemp makes it 0700, and as root the
+    server runs as user pgserver (cloud_service/search/embedded_pg.py), which must traverse it."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    base.chmod(0o755)
+    return base
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[EmbeddedPostgres]:
+    """A real embedded PostgreSQL with pgvector (pgserver), one per test module."""
+    from cloud_service.search.embedded_pg import EmbeddedPostgres
+
+    base = pg_base_dir("splitclip-pg-")
+    server = EmbeddedPostgres(base / "data").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from benchmarks.cloud_client import CloudClient
 from cloud_service.grpc_api import pb
 from demo.cloudproc import free_port
 from splitclip.bundle import load_bundle
+from tests.conftest import pg_base_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,8 +35,7 @@ def test_splitclip_cloud_serves_until_sigterm(tiny_bundle_dir, tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("SPLITCLIP_REDIS_URL", "SPLITCLIP_PG_URL")}
     env["SPLITCLIP_NODE_TOKEN"] = "cli-token"
-    base = Path(tempfile.mkdtemp(prefix="splitclip-cli-pg-"))
-    base.chmod(0o755)  # as root the server runs as user pgserver, which must traverse it
+    base = pg_base_dir("splitclip-cli-pg-")
     pg_dir = base / "pg"
     log = (tmp_path / "cloud.log").open("w+")
     cmd = [sys.executable, "-m", "cloud_service.cli", "--bundle", str(tiny_bundle_dir), "--port", str(port),

@@ -12,7 +12,6 @@ Derandomized: the same cases every run. `-s` prints the inputs tried per categor
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,6 +53,7 @@ from tests.cloud.fuzzkit import (
     stream_items,
     upload_changes,
 )
+from tests.conftest import pg_base_dir
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,7 @@ def cloud(tiny_bundle_dir: Path, redis_server):
     from cloud_service.search.embedded_pg import EmbeddedPostgres
     from demo.cloudproc import free_port
 
-    base = Path(tempfile.mkdtemp(prefix="splitclip-fuzz-pg-"))
-    base.chmod(0o755)  # as root the server runs as user pgserver, which must traverse it
+    base = pg_base_dir("splitclip-fuzz-pg-")
     pg = EmbeddedPostgres(base / "data").start()
     launch.init_ray(2, log_to_driver=False)
     try:

@@ -6,37 +6,17 @@ fit in the queue."""
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
-import pytest
 
 from cloud_service.search.embedded_pg import EmbeddedPostgres
 from cloud_service.search.ingest import Indexer, check_row, connect
 from cloud_service.search.store import FrameStore, Row
+from tests.conftest import pg_base_dir
 
 DIM = 16
 T0 = 1_760_000_000.0
-
-
-def pg_dir() -> Path:
-    base = Path(tempfile.mkdtemp(prefix="splitclip-ingest-"))
-    base.chmod(0o755)  # as root the server runs as user pgserver, which must traverse it
-    return base
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[EmbeddedPostgres]:
-    base = pg_dir()
-    server = EmbeddedPostgres(base / "data").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def rows(bundle: str, n: int, start: int = 0, node: str = "n0") -> list[Row]:
@@ -119,7 +99,7 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking() -> None:
 
 
 def test_a_store_outage_retries_the_queued_rows_and_drops_beyond_the_queue() -> None:
-    base = pg_dir()
+    base = pg_base_dir("splitclip-ingest-")
     server = EmbeddedPostgres(base / "data").start()
     url = server.url
     ix = Indexer(url, "b-out", DIM, queue_rows=150, batch_rows=64, batch_wait_s=0.05, retry_min_s=0.05)

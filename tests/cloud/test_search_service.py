@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import io
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -28,21 +26,10 @@ from splitclip.constants import ERROR_BUNDLE_MISMATCH
 from splitclip.prompts import average_templates
 from splitclip.runtime import BundleRuntime
 from tests.cloud.test_pipeline import PROMPTS, image, local_pipeline, settings
+from tests.conftest import pg_base_dir
 
 T0 = 1_760_000_000.0
 DOWN_URL = "postgresql://postgres@/postgres?host=/nonexistent-splitclip-pg"  # nothing listens there
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[EmbeddedPostgres]:
-    base = Path(tempfile.mkdtemp(prefix="splitclip-searchsvc-"))
-    base.chmod(0o755)  # as root the server runs as user pgserver, which must traverse it
-    server = EmbeddedPostgres(base / "data").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -313,8 +300,7 @@ def test_search_off_ignores_index_and_search_on_needs_a_url(tiny_bundle_dir, red
 
 
 def test_store_link_reconnects_after_the_store_comes_back(runtime) -> None:
-    base = Path(tempfile.mkdtemp(prefix="splitclip-link-"))
-    base.chmod(0o755)
+    base = pg_base_dir("splitclip-link-")
     server = EmbeddedPostgres(base / "data").start()
     url, bundle, dim = server.url, runtime.manifest.bundle_id, runtime.manifest.embed_dim
     link = StoreLink(url, bundle, dim)

@@ -33,22 +33,10 @@ from cloud_service.search.migrations import MIGRATIONS, Migration, MigrationErro
 from cloud_service.search.settings import SearchSettings, SettingsError, redacted
 from cloud_service.search.store import FrameStore, Row, StoreError, index_name, search_sql
 from demo.cloudproc import free_port
+from tests.conftest import pg_base_dir
 
 T0 = 1_760_000_000.0  # unix seconds of the test frames
 ROOT = os.geteuid() == 0
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[EmbeddedPostgres]:
-    # mkdtemp makes a 0700 dir; as root the server runs as user pgserver, which must traverse it
-    base = Path(tempfile.mkdtemp(prefix="splitclip-pg-"))
-    base.chmod(0o755)
-    server = EmbeddedPostgres(base / "data").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -269,8 +257,7 @@ def test_open_store_on_a_url_or_an_embedded_server(pg: EmbeddedPostgres) -> None
     with store:
         assert server is None and store.settings.hnsw_ef_search == 7
         assert store.migrate() == []
-    base = Path(tempfile.mkdtemp(prefix="splitclip-pg-"))
-    base.chmod(0o755)
+    base = pg_base_dir("splitclip-pg-")
     try:
         store, server = open_store(SearchSettings(pg_data_dir=base / "own"))
         assert server is not None and server.data_dir == base / "own"

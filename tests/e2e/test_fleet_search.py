@@ -25,7 +25,6 @@ import argparse
 import io
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from demo.data import Scene, label_prompts, render_array
 from edge_node import search_cli
 from edge_node.node import EdgeNode
 from splitclip.runtime import BundleRuntime
+from tests.conftest import pg_base_dir
 
 TOKEN = "search-e2e-token"
 T0 = 1_760_000_000.0
@@ -96,8 +96,7 @@ def cloud(demo_bundle_dir: Path, runtime: BundleRuntime) -> Iterator[SearchCloud
     from cloud_service import launch
     from cloud_service.embedded_redis import EmbeddedRedis
 
-    base = Path(tempfile.mkdtemp(prefix="splitclip-search-e2e-"))
-    base.chmod(0o755)  # as root the server runs as user pgserver, which must traverse it
+    base = pg_base_dir("splitclip-search-e2e-")
     pg = EmbeddedPostgres(base / "data").start()
     redis_server = EmbeddedRedis(port=free_port()).start()
     launch.init_ray(2, log_to_driver=False)
