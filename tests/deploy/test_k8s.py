@@ -267,15 +267,17 @@ def test_the_rayservice_autoscales_workers_and_serve_autoscales_the_vision_tail(
     assert 0 < auto["target_ongoing_requests"] <= tail["max_ongoing_requests"]
 
 
-def test_every_vision_tail_replica_up_to_max_replicas_can_be_asked_for() -> None:
-    """Serve asks for ceil(ongoing calls / target) replicas, and the Ingress keeps at most
-    ingress_calls_inflight calls to the tail per Ingress replica (a target of 64 never scaled)."""
+def test_the_vision_tail_scales_to_max_replicas_and_each_of_them_gets_work() -> None:
+    """The Ingress keeps at most ingress_calls_inflight calls to the tail per Ingress replica, and Serve
+    asks for ceil(ongoing calls / target) replicas: max_replicas must be reachable (a target of 64
+    never scaled) and no more than those calls can keep busy (a target of 0.5 asked for idle ones)."""
     app = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]
     deployments = {d["name"]: d for d in app["deployments"]}
     auto = deployments["VisionTail"]["autoscaling_config"]
     calls = CloudSettings.load(app["args"], env={}).ingress_calls_inflight
     most_ongoing = calls * deployments["Ingress"]["num_replicas"]
-    assert math.ceil(most_ongoing / auto["target_ongoing_requests"]) >= auto["max_replicas"] > 1
+    assert 1 < auto["max_replicas"] <= most_ongoing
+    assert math.ceil(most_ongoing / auto["target_ongoing_requests"]) >= auto["max_replicas"]
 
 
 def test_the_ray_containers_carry_the_local_ray_and_serve_environment() -> None:
