@@ -44,7 +44,7 @@ SPLITCLIP_JOURNAL             the offline journal (SQLite) of those frames (defa
                               CACHE_DIR/journal/<node id>--<bundle id>.sqlite). Set SPLITCLIP_NODE_ID too: the
                               default node id has the pid in it, so a restarted node would not find its journal
 SPLITCLIP_JOURNAL_MAX_ENTRIES frames the journal keeps at most; beyond, new ones are dropped and counted (default 1e6)
-SPLITCLIP_UPLOAD_BATCH        journal frames per Upload call (default 64)
+SPLITCLIP_UPLOAD_BATCH        journal frames per Upload call (default 64; at most UPLOAD_MAX_FRAMES, 4096)
 SPLITCLIP_UPLOAD_RATE_PER_S   journal frames uploaded per second at most, on average (default 200: a backlog must
                               not crowd out the live frames on a thin link)
 SPLITCLIP_UPLOAD_TIMEOUT_S    deadline of one Upload call (default 10)
@@ -61,6 +61,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from splitclip import settings as loader
+from splitclip.constants import INDEX_MAX_TEXT_CHARS, UPLOAD_MAX_FRAMES
 from splitclip.settings import SettingsError
 
 AUTO = "auto"  # SPLITCLIP_CUT / --cut value of the online planner (the same as leaving it unset)
@@ -193,10 +194,15 @@ class EdgeSettings:
             raise SettingsError(
                 f"expected plan_margin >= 0 and plan_patience >= 1, got {self.plan_margin}, {self.plan_patience}"
             )
-        if self.upload_batch < 1 or self.journal_max_entries < 1:
+        if not 1 <= self.upload_batch <= UPLOAD_MAX_FRAMES:  # the cloud refuses a larger Upload
+            raise SettingsError(f"upload_batch must be in 1..{UPLOAD_MAX_FRAMES}, got {self.upload_batch}")
+        if self.journal_max_entries < 1:
+            raise SettingsError(f"journal_max_entries must be >= 1, got {self.journal_max_entries}")
+        if self.index and (len(self.node_id) > INDEX_MAX_TEXT_CHARS or "\0" in self.node_id):
+            # the cloud stores the node id with each frame and refuses every Upload of such an id
             raise SettingsError(
-                f"upload_batch and journal_max_entries must be >= 1, got {self.upload_batch}, "
-                f"{self.journal_max_entries}"
+                f"index is on: node_id must be at most {INDEX_MAX_TEXT_CHARS} characters without NUL, "
+                f"got {len(self.node_id)} characters"
             )
         if min(self.upload_rate_per_s, self.upload_timeout_s, self.upload_retry_s) <= 0:
             raise SettingsError(

@@ -73,3 +73,23 @@ def test_fleet_search_settings_and_the_journal_path(tmp_path: Path) -> None:
     for bad in ({"SPLITCLIP_UPLOAD_BATCH": "0"}, {"SPLITCLIP_UPLOAD_RATE_PER_S": "0"}):
         with pytest.raises(SettingsError, match="upload"):
             EdgeSettings.from_env(bad)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SPLITCLIP_UPLOAD_BATCH": "0"}, "upload_batch must be in 1..4096, got 0"),
+        ({"SPLITCLIP_UPLOAD_BATCH": "4097"}, "upload_batch must be in 1..4096, got 4097"),  # the cloud's cap
+        ({"SPLITCLIP_JOURNAL_MAX_ENTRIES": "0"}, "journal_max_entries must be >= 1, got 0"),
+        (
+            {"SPLITCLIP_INDEX": "1", "SPLITCLIP_NODE_ID": "n" * 301},
+            "index is on: node_id must be at most 300 characters without NUL, got 301 characters",
+        ),
+    ],
+)
+def test_upload_limits_are_the_clouds(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError) as e:
+        EdgeSettings.from_env(env)
+    assert str(e.value) == message and "\n" not in message
+    assert EdgeSettings.from_env({"SPLITCLIP_UPLOAD_BATCH": "4096"}).upload_batch == 4096
+    assert EdgeSettings.from_env({"SPLITCLIP_NODE_ID": "n" * 301}).node_id == "n" * 301  # index off: fine
