@@ -13,6 +13,7 @@ keep answering while the uploader reads: nothing here needs a server.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -22,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 1  # PRAGMA user_version of the file; another version is refused, never guessed at
+# PRAGMA user_version of the file; another version is refused, never guessed at. 2: labels are a JSON
+# list (1 joined them by newlines, so a prompt holding one came back as two labels).
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pending (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,   -- arrival order: among frames of one time
@@ -31,7 +34,7 @@ CREATE TABLE IF NOT EXISTS pending (
     frame_id INTEGER NOT NULL,               -- unique per node across restarts (tickets.frame_ids)
     ts REAL NOT NULL,                        -- seconds since the epoch, when the frame was seen
     source TEXT NOT NULL,
-    labels TEXT NOT NULL,                    -- top labels, best first, joined by \\n
+    labels TEXT NOT NULL,                    -- top labels, best first: a JSON list of strings
     embedding BLOB NOT NULL,                 -- float32 [dim], L2-normalised
     UNIQUE (bundle_id, node_id, frame_id)    -- the cloud store's key
 );
@@ -90,7 +93,7 @@ class Journal:
                     e.frame_id,
                     e.ts,
                     e.source,
-                    "\n".join(e.labels),
+                    json.dumps(list(e.labels), ensure_ascii=False),
                     vec.tobytes(),
                 ),
             )
@@ -107,9 +110,7 @@ class Journal:
                 (*args, limit),
             ).fetchall()
         return [
-            Entry(
-                b, n, f, ts, src, tuple(lab.split("\n")) if lab else (), np.frombuffer(emb, np.float32), seq
-            )
+            Entry(b, n, f, ts, src, tuple(json.loads(lab)), np.frombuffer(emb, np.float32), seq)
             for seq, b, n, f, ts, src, lab, emb in rows
         ]
 

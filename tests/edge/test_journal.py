@@ -73,6 +73,33 @@ def test_a_journal_of_another_schema_version_is_refused(tmp_path) -> None:
         Journal(path)
 
 
+def test_labels_with_newlines_and_any_text_come_back_as_they_were(tmp_path) -> None:
+    path = tmp_path / "j.sqlite"
+    j = Journal(path)
+    labels = ("a red\ntruck", "", 'ünïcode, "quoted"', "[not json]")
+    j.add(Entry("b-1", "cam-1", BOOT, 1.0, "s", labels, entry(0).embedding))
+    j.add(Entry("b-1", "cam-1", BOOT + 1, 2.0, "s", (), entry(0).embedding))
+    j.close()
+    j = Journal(path)
+    assert [e.labels for e in j.oldest(2)] == [labels, ()]  # a newline in a prompt is not two labels
+    j.close()
+
+
+def test_a_journal_of_schema_version_1_is_refused_in_one_line(tmp_path) -> None:
+    import sqlite3
+
+    path = tmp_path / "j.sqlite"
+    db = sqlite3.connect(path)  # a file written before labels were JSON (joined by newlines)
+    db.execute("CREATE TABLE pending (seq INTEGER PRIMARY KEY, labels TEXT NOT NULL)")
+    db.execute("INSERT INTO pending (labels) VALUES ('red circle\nblue square')")
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    with pytest.raises(JournalError) as e:
+        Journal(path)
+    assert str(e.value) == f"journal {path} has schema version 1, this node reads 2"
+
+
 def test_a_full_journal_refuses_and_counts(tmp_path) -> None:
     j = Journal(tmp_path / "j.sqlite", max_entries=3)
     assert [j.add(entry(i)) for i in range(5)] == [True, True, True, False, False]
