@@ -75,12 +75,17 @@ class Journal:
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self.dropped = 0  # entries refused because the journal was full
+        # entries per bundle, kept here: a count(*) per add is O(n), tens of ms near the 1e6 cap. This
+        # process is the file's only writer (one journal per node id and bundle).
+        self._counts: dict[str, int] = {}
+        self._total = 0
+        self._recount()
 
     def add(self, e: Entry) -> bool:
         """Keep one entry; False when the journal is full (counted in `dropped`) or already has it."""
         vec = np.ascontiguousarray(e.embedding, dtype=np.float32)
         with self._lock:
-            if self._count() >= self.max_entries:
+            if self._total >= self.max_entries:
                 self.dropped += 1
                 return False
             cur = self._db.execute(
@@ -97,7 +102,11 @@ class Journal:
                     vec.tobytes(),
                 ),
             )
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            self._counts[e.bundle_id] = self._counts.get(e.bundle_id, 0) + 1
+            self._total += 1
+            return True
 
     def oldest(self, limit: int, *, bundle_id: str | None = None) -> list[Entry]:
         """The `limit` oldest entries by capture time (`ts`, then arrival), of one bundle if given (a
@@ -117,22 +126,31 @@ class Journal:
     def pending(self, bundle_id: str | None = None) -> int:
         """Entries not yet acknowledged (of one bundle, if given)."""
         with self._lock:
-            if bundle_id is None:
-                return self._count()
-            q = "SELECT count(*) FROM pending WHERE bundle_id = ?"
-            return int(self._db.execute(q, (bundle_id,)).fetchone()[0])
+            return self._total if bundle_id is None else self._counts.get(bundle_id, 0)
 
     def ack(self, entries: Sequence[Entry]) -> None:
-        """The cloud has stored these: forget them."""
+        """The cloud has stored these (or refused them for good): forget them. One transaction; an
+        entry already gone (acknowledged twice) is not counted twice."""
         with self._lock:
-            self._db.executemany("DELETE FROM pending WHERE seq = ?", [(e.seq,) for e in entries])
+            self._db.execute("BEGIN")
+            try:
+                for e in entries:
+                    if self._db.execute("DELETE FROM pending WHERE seq = ?", (e.seq,)).rowcount == 1:
+                        self._counts[e.bundle_id] -= 1
+                        self._total -= 1
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                self._recount()
+                raise
 
     def __len__(self) -> int:
-        with self._lock:
-            return self._count()
+        return self.pending()
 
-    def _count(self) -> int:
-        return int(self._db.execute("SELECT count(*) FROM pending").fetchone()[0])
+    def _recount(self) -> None:
+        q = "SELECT bundle_id, count(*) FROM pending GROUP BY bundle_id"
+        self._counts = {b: int(n) for b, n in self._db.execute(q)}
+        self._total = sum(self._counts.values())
 
     def close(self) -> None:
         with self._lock:

@@ -100,10 +100,32 @@ def test_a_journal_of_schema_version_1_is_refused_in_one_line(tmp_path) -> None:
     assert str(e.value) == f"journal {path} has schema version 1, this node reads 2"
 
 
+def test_adds_and_pending_do_not_count_the_table_and_the_count_survives_a_restart(tmp_path) -> None:
+    path = tmp_path / "j.sqlite"
+    j = Journal(path)
+    statements: list[str] = []
+    j._db.set_trace_callback(statements.append)  # what SQLite runs on the delivery path
+    for i in range(5):
+        assert j.add(entry(i, bundle="b-1" if i < 3 else "b-2"))
+    assert not j.add(entry(0))  # a duplicate is not counted
+    assert (len(j), j.pending("b-1"), j.pending("b-2"), j.pending("b-9")) == (5, 3, 2, 0)
+    assert not [q for q in statements if "count(" in q.lower()]  # O(1): no count(*) per add or metric
+    first = j.oldest(2, bundle_id="b-1")
+    j.ack(first)
+    j.ack(first)  # acknowledged twice (a resend): forgotten once
+    assert (len(j), j.pending("b-1"), j.pending("b-2")) == (3, 1, 2)
+    j.close()
+    j = Journal(path)  # initialised from the file
+    assert (len(j), j.pending("b-1"), j.pending("b-2")) == (3, 1, 2)
+    j.close()
+
+
 def test_a_full_journal_refuses_and_counts(tmp_path) -> None:
     j = Journal(tmp_path / "j.sqlite", max_entries=3)
     assert [j.add(entry(i)) for i in range(5)] == [True, True, True, False, False]
     assert len(j) == 3 and j.dropped == 2
+    j.ack(j.oldest(1))  # room again for one
+    assert [j.add(entry(i)) for i in range(5, 7)] == [True, False] and len(j) == 3 and j.dropped == 3
     j.close()
 
 
