@@ -29,7 +29,6 @@ from cloud_service.grpc_api import Unparsed, pb
 from cloud_service.metrics import Metrics
 from cloud_service.prompt_resolver import PromptResolver, Resolved, TextFn
 from cloud_service.registry import NodeInfo, NodeRegistry
-from cloud_service.search.service import frame_row
 from cloud_service.settings import CloudSettings
 from splitclip import codec
 from splitclip.bundle import Bundle, load_bundle
@@ -228,8 +227,11 @@ class Pipeline:
         if frame.index:  # offer() never blocks or raises: the answer does not wait for the store
             if self.indexer is None:
                 self.metrics.local["index_ignored"] += 1  # search is off on this cloud
-            elif not self.indexer.offer(frame_row(self.bundle_id, frame, result, img)):
-                self.metrics.local["index_dropped"] += 1
+            else:
+                from cloud_service.search.ingest import frame_row  # psycopg only once search is on
+
+                if not self.indexer.offer(frame_row(self.bundle_id, frame, result, img)):
+                    self.metrics.local["index_dropped"] += 1
         return result
 
     def _load(self, tail_ms: float, blocks: int, queue_ms: float, a: float = 0.2) -> None:

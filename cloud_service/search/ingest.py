@@ -15,6 +15,16 @@ go out either way. A row the store refuses on its own (a batch with a bad row is
 found by writing that batch row by row, and counted as `rejected`; `check_row` refuses the usual
 ones before they queue.
 
+Rows are built here for both paths, by the same rules (`check_row`, with the limits of
+splitclip.constants that the node keeps too): `frame_row` for a frame the cloud answered, cleaned
+rather than lost when a field is over a limit (the source keeps its last characters, labels beyond
+INDEX_MAX_LABELS are dropped), and `upload_row` for a frame of a node's Upload, refused as it is
+(`RowError`) since the node keeps its journal within those limits.
+
+`close` writes what is queued for up to its timeout; a write still running then is the writer's to
+finish and count (each row is counted once: written, duplicate, rejected or dropped), and the writer
+closes its store itself when it ends.
+
 Stats (`stats()`): queued, written (new rows), duplicates, dropped, rejected, retried (rows that
 were queued while the store was down, and landed after it came back), write_errors (failed attempts),
 batches (successful writes), store_up, last_error.
@@ -23,6 +33,7 @@ batches (successful writes), store_up, last_error.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -36,14 +47,21 @@ import numpy as np
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from cloud_service.grpc_api import pb
 from cloud_service.search.settings import SearchSettings, redacted
 from cloud_service.search.store import FRAME_ID_MAX, FrameStore, Row, StoreError
+from splitclip.constants import INDEX_MAX_LABELS, INDEX_MAX_TEXT_CHARS
+from splitclip.errors import SplitclipError
 
 log = logging.getLogger("splitclip.cloud.index")
 
 TS_MAX = 253_402_300_800.0  # 10000-01-01: PostgreSQL's timestamptz goes further, datetime does not
 CONNECT_TIMEOUT_S = 5  # a black-holed host must not hold the writer (or a request) for minutes
 NORM_TOL = 1e-2  # |norm - 1| allowed of a stored embedding (a node's fp32 head, sent as float32)
+
+
+class RowError(SplitclipError, ValueError):
+    """An uploaded frame the store would refuse; the message says why, in one line."""
 
 
 def check_row(row: Row, dim: int) -> str | None:
@@ -59,14 +77,59 @@ def check_row(row: Row, dim: int) -> str | None:
         return f"frame_id: must be in 0..{FRAME_ID_MAX}, got {row.frame_id}"
     if not (math.isfinite(row.ts) and 0 <= row.ts < TS_MAX):
         return f"captured_at: must be in 0..{TS_MAX:.0f} seconds since the epoch, got {row.ts}"
+    if not row.node_id:
+        return "node_id: must not be empty"
+    if len(row.labels) > INDEX_MAX_LABELS:
+        return f"labels: {len(row.labels)} given, at most {INDEX_MAX_LABELS} allowed"
     for what, text in (
         ("node_id", row.node_id),
         ("source", row.source),
-        *(("labels", x) for x in row.labels),
+        *((f"labels[{j}]", x) for j, x in enumerate(row.labels)),
     ):
+        if len(text) > INDEX_MAX_TEXT_CHARS:
+            return f"{what}: {len(text)} characters, at most {INDEX_MAX_TEXT_CHARS} allowed"
         if "\x00" in text:  # PostgreSQL text cannot hold NUL
             return f"{what}: must not contain NUL characters"
     return None
+
+
+def clean_row(row: Row) -> Row:
+    """`row` within the text limits: the source's last INDEX_MAX_TEXT_CHARS characters (a path's file
+    name is at its end), the first INDEX_MAX_LABELS labels, each cut to INDEX_MAX_TEXT_CHARS."""
+    labels = tuple(x[:INDEX_MAX_TEXT_CHARS] for x in row.labels[:INDEX_MAX_LABELS])
+    source = row.source[-INDEX_MAX_TEXT_CHARS:]
+    if labels == row.labels and source == row.source:
+        return row
+    return dataclasses.replace(row, source=source, labels=labels)
+
+
+def frame_row(bundle_id: str, frame: pb.Frame, result: pb.Result, embedding: np.ndarray) -> Row:
+    """The store row of a frame the cloud answered (its top labels, its image embedding [dim]),
+    cleaned (`clean_row`): a long source or many labels must not lose the frame's row."""
+    row = Row(
+        bundle_id=bundle_id,
+        node_id=frame.node_id,
+        frame_id=frame.frame_id,
+        ts=frame.captured_at or time.time(),
+        source=frame.source,
+        labels=tuple(label.prompt for label in result.top),
+        embedding=np.asarray(embedding, dtype=np.float32),
+    )
+    return clean_row(row)
+
+
+def upload_row(bundle_id: str, node_id: str, f: pb.IndexedFrame, dim: int, now: float) -> Row:
+    """The store row of a frame of a node's Upload (`captured_at` 0 = `now`); RowError when the store
+    would refuse it (an Upload is refused whole, naming the frame, rather than stored in part)."""
+    if len(f.embedding) != 4 * dim:
+        raise RowError(f"embedding is {len(f.embedding)} bytes, expected float32 [{dim}] ({4 * dim} bytes)")
+    emb = np.frombuffer(f.embedding, dtype="<f4").astype(np.float32)  # [dim]
+    ts = f.captured_at if f.captured_at != 0 else now
+    row = Row(bundle_id, node_id, f.frame_id, ts, f.source, tuple(f.labels), emb)
+    problem = check_row(row, dim)
+    if problem is not None:
+        raise RowError(problem)
+    return row
 
 
 def is_down(e: BaseException) -> bool:

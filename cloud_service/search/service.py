@@ -30,11 +30,12 @@ from PIL import Image
 
 from cloud_service import errors
 from cloud_service.grpc_api import pb
-from cloud_service.search.ingest import TS_MAX, Indexer, check_row, connect, is_down
+from cloud_service.search.ingest import TS_MAX, Indexer, RowError, connect, is_down, upload_row
 from cloud_service.search.settings import SearchSettings
 from cloud_service.search.store import FrameStore, Hit, Row, StoreError
 from cloud_service.settings import CloudSettings, SettingsError
 from splitclip.bundle import Bundle
+from splitclip.constants import INDEX_MAX_LABELS, INDEX_MAX_TEXT_CHARS, SEARCH_MAX_K, UPLOAD_MAX_FRAMES
 from splitclip.preprocess import PreprocessConfig, to_model_input
 from splitclip.prompts import PromptError
 
@@ -44,26 +45,12 @@ TextEmbed = Callable[[str, Sequence[str]], Awaitable[Embedding]]  # (text, templ
 ImageEmbed = Callable[[NDArray[np.uint8]], Awaitable[Embedding]]  # uint8 [S, S, 3] -> [dim], unit
 
 DEFAULT_K = 10
-MAX_K = 1000
 MAX_NODE_FILTERS = 64  # each node filter is one store query (merged), so they are bounded
-MAX_UPLOAD_FRAMES = 4096
-MAX_LABELS = 32
-MAX_TEXT_CHARS = 300  # node ids, sources, labels
+# the shared limits (splitclip.constants) under the names tests/cloud/fuzzkit.py models them by
+MAX_K, MAX_UPLOAD_FRAMES, MAX_LABELS = SEARCH_MAX_K, UPLOAD_MAX_FRAMES, INDEX_MAX_LABELS
+MAX_TEXT_CHARS = INDEX_MAX_TEXT_CHARS  # node ids, sources, labels, label filters
 MAX_IMAGE_PIXELS = 50_000_000  # a decompression bomb is refused before it is decoded
 OFF = "fleet search is off on this cloud (SPLITCLIP_SEARCH=1)"
-
-
-def frame_row(bundle_id: str, frame: pb.Frame, result: pb.Result, embedding: Embedding) -> Row:
-    """The store row of an answered frame: its top labels, its image embedding [dim]."""
-    return Row(
-        bundle_id=bundle_id,
-        node_id=frame.node_id,
-        frame_id=frame.frame_id,
-        ts=frame.captured_at or time.time(),
-        source=frame.source,
-        labels=tuple(label.prompt for label in result.top),
-        embedding=np.asarray(embedding, dtype=np.float32),
-    )
 
 
 def decode_image(data: bytes, cfg: PreprocessConfig) -> NDArray[np.uint8]:
@@ -83,8 +70,8 @@ def decode_image(data: bytes, cfg: PreprocessConfig) -> NDArray[np.uint8]:
 
 
 def text_value(what: str, value: str) -> str:
-    if len(value) > MAX_TEXT_CHARS:
-        raise errors.invalid(f"{what}: {len(value)} characters, at most {MAX_TEXT_CHARS} allowed")
+    if len(value) > INDEX_MAX_TEXT_CHARS:
+        raise errors.invalid(f"{what}: {len(value)} characters, at most {INDEX_MAX_TEXT_CHARS} allowed")
     if "\x00" in value:
         raise errors.invalid(f"{what}: must not contain NUL characters")
     return value
@@ -186,8 +173,8 @@ class SearchService:
         if len(r.image) > self.max_image_bytes:
             raise errors.too_large(f"image: {len(r.image)} bytes, at most {self.max_image_bytes} allowed")
         k = r.k or DEFAULT_K
-        if not 1 <= k <= MAX_K:
-            raise errors.invalid(f"k: must be in 1..{MAX_K} (0 = {DEFAULT_K}), got {k}")
+        if not 1 <= k <= SEARCH_MAX_K:
+            raise errors.invalid(f"k: must be in 1..{SEARCH_MAX_K} (0 = {DEFAULT_K}), got {k}")
         if len(r.node_ids) > MAX_NODE_FILTERS:
             raise errors.invalid(f"node_ids: {len(r.node_ids)} given, at most {MAX_NODE_FILTERS} allowed")
         nodes = list(dict.fromkeys(text_value(f"node_ids[{i}]", n) for i, n in enumerate(r.node_ids)))
@@ -222,6 +209,8 @@ class SearchService:
         return pb.UploadResponse(stored=stored, duplicates=len(rows) - stored)
 
     def upload_rows(self, r: pb.UploadRequest) -> list[Row]:
+        """The rows of an Upload (ingest.upload_row: the frames' own rules), or INVALID_ARGUMENT naming
+        the first frame the store would refuse; nothing of a refused call is stored."""
         if not r.node_id:
             raise errors.invalid("node_id is required")
         node = text_value("node_id", r.node_id)
@@ -229,29 +218,15 @@ class SearchService:
             raise errors.invalid("bundle_id is required (the id of the bundle the node runs)")
         if r.bundle_id != self.bundle_id:
             raise errors.bundle_mismatch(r.bundle_id, self.bundle_id)
-        if len(r.frames) > MAX_UPLOAD_FRAMES:
-            raise errors.invalid(f"frames: {len(r.frames)} given, at most {MAX_UPLOAD_FRAMES} per call")
+        if len(r.frames) > UPLOAD_MAX_FRAMES:
+            raise errors.invalid(f"frames: {len(r.frames)} given, at most {UPLOAD_MAX_FRAMES} per call")
         now = time.time()
         rows = []
         for i, f in enumerate(r.frames):
-            where = f"frames[{i}] (frame {f.frame_id})"
-            if len(f.embedding) != 4 * self.dim:
-                raise errors.invalid(
-                    f"{where}: embedding is {len(f.embedding)} bytes, expected float32 [{self.dim}] "
-                    f"({4 * self.dim} bytes)"
-                )
-            if len(f.labels) > MAX_LABELS:
-                raise errors.invalid(f"{where}: {len(f.labels)} labels, at most {MAX_LABELS} allowed")
-            labels = tuple(text_value(f"{where} labels[{j}]", x) for j, x in enumerate(f.labels))
-            emb = np.frombuffer(f.embedding, dtype="<f4").astype(np.float32)
-            ts = f.captured_at if f.captured_at != 0 else now
-            row = Row(
-                self.bundle_id, node, f.frame_id, ts, text_value(f"{where} source", f.source), labels, emb
-            )
-            problem = check_row(row, self.dim)
-            if problem is not None:
-                raise errors.invalid(f"{where}: {problem}")
-            rows.append(row)
+            try:
+                rows.append(upload_row(self.bundle_id, node, f, self.dim, now))
+            except RowError as e:
+                raise errors.invalid(f"frames[{i}] (frame {f.frame_id}): {e}") from e
         return rows
 
     async def _store(self, fn: Callable[[FrameStore], T]) -> T:

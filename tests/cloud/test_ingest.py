@@ -9,10 +9,13 @@ import shutil
 import time
 
 import numpy as np
+import pytest
 
+from cloud_service.grpc_api import pb
 from cloud_service.search.embedded_pg import EmbeddedPostgres
-from cloud_service.search.ingest import Indexer, check_row, connect
+from cloud_service.search.ingest import Indexer, RowError, check_row, connect, frame_row, upload_row
 from cloud_service.search.store import FrameStore, Row
+from splitclip.constants import INDEX_MAX_LABELS, INDEX_MAX_TEXT_CHARS
 from tests.conftest import pg_base_dir
 
 DIM = 16
@@ -80,6 +83,49 @@ def test_bad_rows_are_refused_at_offer_and_never_block_a_batch(pg: EmbeddedPostg
         assert check_row(bad[1], DIM) is not None and "float32 [16]" in str(check_row(bad[1], DIM))
     finally:
         ix.close()
+
+
+def test_one_set_of_row_rules_frames_are_cleaned_uploads_refused(pg: EmbeddedPostgres) -> None:
+    """The limits Upload refuses by are the ones a frame's row is checked by; a frame's row over them
+    is cleaned (and stored), an uploaded frame over them is refused naming the limit."""
+    g = rows("b-rules", 1)[0]
+    long_source = "/very/long/path/" + "d" * INDEX_MAX_TEXT_CHARS + "/gate-7.jpg"
+    many = tuple(f"label {i}" for i in range(INDEX_MAX_LABELS + 8))
+    for row, needle in (
+        (Row("b-rules", "n0", 1, T0, long_source, ("cat",), g.embedding), "source: 327 characters"),
+        (Row("b-rules", "n0", 1, T0, "cam", many, g.embedding), "labels: 40 given, at most 32"),
+        (Row("b-rules", "", 1, T0, "cam", ("cat",), g.embedding), "node_id: must not be empty"),
+        (Row("b-rules", "n" * 301, 1, T0, "cam", ("cat",), g.embedding), "node_id: 301 characters"),
+        (Row("b-rules", "n0", 1, T0, "cam", ("x" * 301,), g.embedding), "labels[0]: 301 characters"),
+    ):
+        assert needle in str(check_row(row, DIM)), row
+    frame = pb.Frame(node_id="n0", frame_id=5, captured_at=T0, source=long_source)
+    result = pb.Result(top=[pb.Label(prompt=x) for x in (*many[:-1], "y" * 400)])
+    row = frame_row("b-rules", frame, result, g.embedding)
+    assert check_row(row, DIM) is None
+    assert row.source == long_source[-INDEX_MAX_TEXT_CHARS:] and row.source.endswith("/gate-7.jpg")
+    assert row.labels == many[:INDEX_MAX_LABELS]
+    ix = Indexer(pg.url, "b-rules", DIM, batch_wait_s=0.0)
+    try:
+        assert ix.offer(row) and ix.wait_idle(60) and ix.stats()["written"] == 1
+    finally:
+        ix.close()
+
+    def uploaded(**kw: object) -> pb.IndexedFrame:
+        base = {"frame_id": 3, "captured_at": T0, "embedding": g.embedding.astype("<f4").tobytes()}
+        return pb.IndexedFrame(**{**base, **kw})
+
+    assert upload_row("b-rules", "n0", uploaded(source="cam", labels=["cat"]), DIM, T0).labels == ("cat",)
+    assert upload_row("b-rules", "n0", uploaded(captured_at=0), DIM, T0 + 9).ts == T0 + 9
+    for frame_kw, needle in (
+        ({"source": long_source}, "source: 327 characters"),
+        ({"labels": list(many)}, "labels: 40 given"),
+        ({"embedding": b"\0" * 12}, "embedding is 12 bytes"),
+    ):
+        with pytest.raises(RowError, match=needle):
+            upload_row("b-rules", "n0", uploaded(**frame_kw), DIM, T0)
+    with pytest.raises(RowError, match="node_id: must not be empty"):
+        upload_row("b-rules", "", uploaded(), DIM, T0)
 
 
 def test_a_full_queue_drops_and_counts_instead_of_blocking() -> None:

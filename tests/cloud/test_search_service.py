@@ -19,10 +19,10 @@ from cloud_service import errors
 from cloud_service.grpc_api import pb
 from cloud_service.pipeline import Pipeline
 from cloud_service.search.embedded_pg import EmbeddedPostgres
-from cloud_service.search.service import MAX_K, SearchService, StoreLink, open_search
+from cloud_service.search.service import SearchService, StoreLink, open_search
 from cloud_service.search.store import FrameStore
 from cloud_service.settings import SettingsError
-from splitclip.constants import ERROR_BUNDLE_MISMATCH
+from splitclip.constants import ERROR_BUNDLE_MISMATCH, INDEX_MAX_TEXT_CHARS, SEARCH_MAX_K
 from splitclip.prompts import average_templates
 from splitclip.runtime import BundleRuntime
 from tests.cloud.test_pipeline import PROMPTS, image, local_pipeline, settings
@@ -84,7 +84,7 @@ def test_frames_sent_with_index_are_stored_with_their_labels_and_embedding(
         results = []
         for i, im in enumerate(imgs):
             f = maker.frame(im, 1, PROMPTS, frame_id=500 + i, node_id="cam-a", top_k=2, index=True,
-                            captured_at=T0 + i, source=f"gate-{i}")  # fmt: skip
+                            captured_at=T0 + i, source=("/" + "d" * 400 + "/") * (i == 2) + f"gate-{i}")  # fmt: skip
             results.append(await p.classify(f))
         plain = maker.frame(imgs[0], 1, PROMPTS, frame_id=599, node_id="cam-a")  # no index: not stored
         await p.classify(plain)
@@ -99,6 +99,8 @@ def test_frames_sent_with_index_are_stored_with_their_labels_and_embedding(
         top = r.hits[0]
         assert (top.node_id, top.source, top.captured_at) == ("cam-a", "gate-1", T0 + 1)
         assert top.score > 0.99 and list(top.labels) == [label.prompt for label in results[1].top]
+        long = next(h for h in r.hits if h.frame_id == 502)  # over the limit: cleaned, not lost
+        assert len(long.source) == INDEX_MAX_TEXT_CHARS and long.source.endswith("/gate-2")
         assert r.bundle_id == runtime.manifest.bundle_id
         p.indexer.close()
         service.close()
@@ -144,7 +146,7 @@ def test_search_refuses_bad_requests_with_the_reason(tiny_bundle_dir, redis_serv
             "both text and image": pb.SearchRequest(text="a cat", image=ok),
             "neither": pb.SearchRequest(),
             "whitespace text": pb.SearchRequest(text="   "),
-            "k too big": pb.SearchRequest(text="a cat", k=MAX_K + 1),
+            "k too big": pb.SearchRequest(text="a cat", k=SEARCH_MAX_K + 1),
             "since after until": pb.SearchRequest(text="a cat", since=T0 + 10, until=T0),
             "nan since": pb.SearchRequest(text="a cat", since=float("nan")),
             "negative until": pb.SearchRequest(text="a cat", until=-1),
@@ -237,6 +239,8 @@ def test_upload_stores_once_and_refuses_bad_frames_by_name(tiny_bundle_dir, redi
             "frame id": (upload(frame_id=2**63), "frame_id"),
             "time": (upload(captured_at=float("inf")), "captured_at"),
             "NUL source": (upload(source="a\x00b"), "source"),
+            "long source": (upload(source="s" * 301), "frames[0] (frame 9): source: 301 characters"),
+            "33 labels": (upload(labels=["x"] * 33), "frames[0] (frame 9): labels: 33 given, at most 32"),
             "no node": (pb.UploadRequest(bundle_id=p.bundle_id), "node_id"),
             "no bundle": (pb.UploadRequest(node_id="up"), "bundle_id"),
         }
