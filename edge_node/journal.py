@@ -17,6 +17,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,13 +162,17 @@ class JournalError(RuntimeError):
     """A journal file this code cannot read."""
 
 
+LOG_BATCHES = 1024  # batches UploadStats.log remembers
+
+
 @dataclass
 class UploadStats:
     sent: int = 0  # entries acknowledged by the cloud
     batches: int = 0
     failures: int = 0  # batches the cloud did not acknowledge (retried later)
     last_error: str = ""
-    log: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time, entries) per batch
+    # (monotonic time, entries) of the last LOG_BATCHES batches: a node runs for months, so bounded
+    log: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=LOG_BATCHES))
 
 
 class Uploader:

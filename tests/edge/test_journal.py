@@ -217,3 +217,16 @@ def test_bad_uploader_settings_are_refused(tmp_path) -> None:
         Uploader(j, lambda b: None, batch=0)
     with pytest.raises(ValueError, match="rate_per_s"):
         Uploader(j, lambda b: None, rate_per_s=0)
+
+
+def test_the_upload_log_keeps_only_the_last_batches(tmp_path) -> None:
+    from edge_node.journal import LOG_BATCHES
+
+    j, store = Journal(tmp_path / "j.sqlite"), Store()
+    for i in range(LOG_BATCHES + 10):
+        j.add(entry(i))
+    up = Uploader(j, store.send, batch=1, rate_per_s=1e9)
+    assert up.drain() == LOG_BATCHES + 10 and up.stats.batches == LOG_BATCHES + 10
+    assert len(up.stats.log) == LOG_BATCHES  # bounded: one entry per batch forever would grow for months
+    assert [n for _, n in up.stats.log] == [1] * LOG_BATCHES
+    j.close()
