@@ -19,10 +19,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+
+from splitclip.constants import INDEX_MAX_LABELS, INDEX_MAX_TEXT_CHARS
 
 # PRAGMA user_version of the file; another version is refused, never guessed at. 2: labels are a JSON
 # list (1 joined them by newlines, so a prompt holding one came back as two labels).
@@ -56,6 +58,27 @@ class Entry:
     seq: int = 0  # set by the journal
 
 
+def storable_text(text: str) -> str:
+    """`text` as the cloud's store takes it: valid UTF-8 (a lone surrogate from a file name becomes
+    "?"), no NUL, at most INDEX_MAX_TEXT_CHARS characters. A longer text keeps its end behind a "…":
+    the end of a path (the file name) says more than its start."""
+    text = text.encode("utf-8", "replace").decode("utf-8").replace("\0", "")
+    if len(text) > INDEX_MAX_TEXT_CHARS:
+        text = "…" + text[len(text) - INDEX_MAX_TEXT_CHARS + 1 :]
+    return text
+
+
+def storable(e: Entry) -> Entry:
+    """`e` with a source and labels the cloud will take (at most INDEX_MAX_LABELS, the best ones, each
+    cleaned like the source). The cloud refuses a whole Upload for one bad frame, so an entry that
+    would be refused must never enter the journal: it would hold back every entry behind it."""
+    source = storable_text(e.source)
+    labels = tuple(storable_text(x) for x in e.labels[:INDEX_MAX_LABELS])
+    if source == e.source and labels == e.labels:
+        return e
+    return replace(e, source=source, labels=labels)
+
+
 class Journal:
     """A thread-safe SQLite queue of entries; `add` from the node, `oldest`/`ack` from the uploader."""
 
@@ -83,7 +106,9 @@ class Journal:
         self._recount()
 
     def add(self, e: Entry) -> bool:
-        """Keep one entry; False when the journal is full (counted in `dropped`) or already has it."""
+        """Keep one entry, made `storable`; False when the journal is full (counted in `dropped`) or
+        already has it."""
+        e = storable(e)
         vec = np.ascontiguousarray(e.embedding, dtype=np.float32)
         with self._lock:
             if self._total >= self.max_entries:

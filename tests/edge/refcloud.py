@@ -14,6 +14,10 @@ Fleet search: `Upload` and `Search` over an in-memory store keyed like the cloud
 frame), first write wins; a frame sent with index=True is stored after it is answered, as the cloud
 does. `search_on=False` refuses both with FAILED_PRECONDITION; `faults.upload_codes` fails Uploads
 before storing, `faults.lose_upload_acks` stores and then fails the call (an acknowledgement lost).
+An Upload is checked as the cloud checks it (cloud_service/search/service.py: at most INDEX_MAX_LABELS
+labels, texts of at most INDEX_MAX_TEXT_CHARS without NUL) and refused whole with INVALID_ARGUMENT
+naming the first bad frame; `faults.refuse_upload_frames` refuses those frame ids the same way (a frame
+the real cloud would refuse for a reason a node cannot know about in advance).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from PIL import Image
 from splitclip import codec
 from splitclip.constants import ERROR_BUNDLE_MISMATCH as BUNDLE
 from splitclip.constants import ERROR_IMAGE_UPLOAD_REFUSED as IMAGE_REFUSED
-from splitclip.constants import ERROR_KIND_METADATA_KEY
+from splitclip.constants import ERROR_KIND_METADATA_KEY, INDEX_MAX_LABELS, INDEX_MAX_TEXT_CHARS
 from splitclip.prompts import average_templates, prompt_set, score, top_k
 from splitclip.runtime import BundleRuntime
 from splitclip.tower import Tower, unit
@@ -51,6 +55,7 @@ class Faults:
     unary_kind: str = ""  # trailing metadata x-splitclip-error of those failures
     upload_codes: list[grpc.StatusCode] = field(default_factory=list)  # Upload fails with these first
     lose_upload_acks: int = 0  # Uploads that store their rows and then fail with UNAVAILABLE
+    refuse_upload_frames: set[int] = field(default_factory=set)  # frame ids whose Upload is INVALID_ARGUMENT
 
 
 @dataclass(frozen=True)
@@ -267,6 +272,12 @@ class RefCloud(pb_grpc.SplitClipServicer):
             context.abort(code, "injected")
         if request.bundle_id != self.bundle_id:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the node runs another bundle")
+        for i, f in enumerate(request.frames):
+            problem = self._refusal(f)
+            if problem:  # the whole call is refused, as the cloud does
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"frames[{i}] (frame {f.frame_id}): {problem}"
+                )
         rows = [
             Row(
                 request.node_id,
@@ -288,6 +299,19 @@ class RefCloud(pb_grpc.SplitClipServicer):
         if lose:
             context.abort(grpc.StatusCode.UNAVAILABLE, "injected: stored, acknowledgement lost")
         return pb.UploadResponse(stored=new, duplicates=len(rows) - new)
+
+    def _refusal(self, f: pb.IndexedFrame) -> str:
+        """Why the cloud would refuse this frame of an Upload ("" when it would not)."""
+        if f.frame_id in self.faults.refuse_upload_frames:
+            return "injected refusal"
+        if len(f.labels) > INDEX_MAX_LABELS:
+            return f"{len(f.labels)} labels, at most {INDEX_MAX_LABELS} allowed"
+        for what, text in (("source", f.source), *((f"labels[{j}]", x) for j, x in enumerate(f.labels))):
+            if len(text) > INDEX_MAX_TEXT_CHARS:
+                return f"{what}: {len(text)} characters, at most {INDEX_MAX_TEXT_CHARS} allowed"
+            if "\x00" in text:
+                return f"{what}: must not contain NUL characters"
+        return ""
 
     def Search(self, request, context):
         self._auth(context)

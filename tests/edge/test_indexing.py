@@ -161,6 +161,25 @@ def test_a_restarted_node_uploads_what_it_journalled_offline(
     assert [r.frame_id for r in cloud.stored("cam-1", via="upload")] == ids
 
 
+def test_a_long_source_and_many_labels_are_journalled_as_the_cloud_takes_them(
+    bundle: Path, images, cloud: RefCloud, tmp_path: Path
+) -> None:
+    """The cloud (here refcloud, which checks an Upload as the cloud does) refuses a whole batch for
+    one frame with a source over 300 characters, a NUL or more than 32 labels."""
+    journal = tmp_path / "j.sqlite"
+    source = "/data/" + "recordings/" * 40 + "gate-3/frame-000042.png\0"
+    prompts = [f"thing number {i}" for i in range(40)]
+    with indexed(bundle, journal, top_k=40) as offline:
+        (r,) = offline.classify_many(images[:1], prompts, sources=[source])
+        assert r.mode == "local" and len(r.labels) == 40
+    with indexed(bundle, journal, cloud, **UPLOAD) as node:
+        wait_for(lambda: node.index.pending == 0, "the upload of the cleaned entry")
+    (row,) = cloud.stored("cam-1", via="upload")
+    assert row.frame_id == r.frame_id and len(row.source) == 300
+    assert row.source.startswith("…") and row.source.endswith("gate-3/frame-000042.png")
+    assert row.labels == tuple(r.labels[:32])  # the best 32
+
+
 def test_an_unreachable_cloud_keeps_the_journal(
     bundle: Path, images, cloud: RefCloud, tmp_path: Path
 ) -> None:

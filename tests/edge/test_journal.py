@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_node.journal import Entry, Journal, JournalError, Uploader
+from edge_node.journal import Entry, Journal, JournalError, Uploader, storable_text
+from splitclip.constants import INDEX_MAX_LABELS, INDEX_MAX_TEXT_CHARS
 
 BOOT = 1_764_662_400_000_000  # frame ids start at the clock in µs (edge_node.tickets.frame_ids)
 
@@ -118,6 +119,37 @@ def test_adds_and_pending_do_not_count_the_table_and_the_count_survives_a_restar
     j = Journal(path)  # initialised from the file
     assert (len(j), j.pending("b-1"), j.pending("b-2")) == (3, 1, 2)
     j.close()
+
+
+def test_entries_are_made_storable_before_they_are_journalled(tmp_path) -> None:
+    """The cloud refuses a whole Upload for one frame with a long or NUL text or too many labels: such
+    an entry in the journal would hold back every entry behind it forever."""
+    j = Journal(tmp_path / "j.sqlite")
+    path = "/mnt/" + "deep/" * 100 + "cam-7/frame-000123.png"  # 527 characters
+    labels = ("a\0b", "x" * 500, *(f"label {i}" for i in range(40)), "never stored")
+    j.add(Entry("b-1", "cam-1", BOOT, 1.0, path + "\0", labels, entry(0).embedding))
+    j.add(Entry("b-1", "cam-1", BOOT + 1, 2.0, "cam/\udcff.png", ("ok",), entry(0).embedding))
+    (e, odd) = j.oldest(2)
+    assert len(e.source) == INDEX_MAX_TEXT_CHARS and e.source.startswith("…")
+    assert path.endswith(e.source[1:]) and e.source.endswith("cam-7/frame-000123.png")  # the end kept
+    assert len(e.labels) == INDEX_MAX_LABELS and e.labels[0] == "ab"  # the best 32, NUL removed
+    assert e.labels[1] == "…" + "x" * (INDEX_MAX_TEXT_CHARS - 1) and e.labels[2:] == labels[2:32]
+    assert odd.source == "cam/?.png"  # a lone surrogate (an undecodable file name) is not UTF-8
+    j.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("", ""),
+        ("cam/1.png", "cam/1.png"),
+        ("\0\0", ""),
+        ("é" * 300, "é" * 300),
+        ("é" * 301, "…" + "é" * 299),
+    ],
+)
+def test_storable_text(text: str, want: str) -> None:
+    assert storable_text(text) == want
 
 
 def test_a_full_journal_refuses_and_counts(tmp_path) -> None:
