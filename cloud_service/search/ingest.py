@@ -187,6 +187,8 @@ class Indexer:
         self._rows: deque[Row] = deque()
         self._cond = threading.Condition()
         self._closing = False
+        self._abandoned = False  # close() has given up waiting: the writer ends after its current write
+        self._inflight = 0  # rows at the head of the queue the writer is writing now
         self._failed_head = 0  # rows at the head of the queue that were queued while the store was down
         self._down = False  # the last write or connect failed
         self._store: FrameStore | None = None
@@ -243,25 +245,28 @@ class Indexer:
 
     def close(self, timeout_s: float = 5.0) -> int:
         """Stop taking rows, write what is queued (trying for up to `timeout_s`), stop the writer.
-        Rows still queued then are counted as dropped; returns how many that was."""
+        Rows still queued then are counted as dropped; returns how many that was. A write still
+        running then (a slow store) is left to the writer, which counts its rows when it ends (written,
+        or dropped if it fails) and closes its store itself."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         self._thread.join(timeout_s)
         with self._cond:
-            left = len(self._rows)
+            self._abandoned = True  # the writer stops retrying
+            keep = self._inflight if self._thread.is_alive() else 0  # the writer's to count
+            left = len(self._rows) - keep
             self.counts["dropped"] += left
-            self._rows.clear()
-            self._failed_head = 0
-            self._cond.notify_all()  # a writer still retrying sees the empty queue and ends
-        if self._store is not None and not self._thread.is_alive():
-            with contextlib.suppress(Exception):
-                self._store.close()
+            for _ in range(left):
+                self._rows.pop()  # from the tail: the head is the batch in flight
+            self._failed_head = min(self._failed_head, keep)
+            self._cond.notify_all()  # a writer waiting out a backoff sees it and ends
         return left
 
     # -- the writer thread -------------------------------------------------------------------
     def _next_batch(self) -> list[Row] | None:
-        """Up to batch_rows rows from the head, not removed; None once closing with nothing left."""
+        """Up to batch_rows rows from the head, not removed (claimed: close leaves them to the writer);
+        None once closing with nothing left."""
         with self._cond:
             while not self._rows:
                 if self._closing:
@@ -273,12 +278,23 @@ class Indexer:
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            return list(islice(self._rows, self.batch_rows))
+            batch = list(islice(self._rows, self.batch_rows))
+            self._inflight = len(batch)
+            return batch
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:  # on this thread: close() may return while a write still holds the store
+            if self._store is not None:
+                with contextlib.suppress(Exception):
+                    self._store.close()
+                self._store = None
+
+    def _loop(self) -> None:
         backoff = self.retry_min_s
         while (batch := self._next_batch()) is not None:
-            if not batch:
+            if not batch:  # close() dropped what had queued while the batch was gathering
                 continue
             try:
                 if self._store is None:
@@ -288,13 +304,19 @@ class Indexer:
                 new, rejected = self._write(self._store, batch)
             except Exception as e:
                 self._failed(e)
+                with self._cond:
+                    if self._abandoned:  # closed while this batch was being written: it is lost
+                        self.counts["dropped"] += len(self._rows)
+                        self._rows.clear()
+                        return
                 if self._wait(backoff):
                     backoff = min(2 * backoff, self.retry_max_s)
                 continue
             backoff = self.retry_min_s
             with self._cond:
-                for _ in range(min(len(batch), len(self._rows))):  # close() may have cleared them
-                    self._rows.popleft()  # only this thread pops; offer appends at the other end
+                for _ in range(len(batch)):
+                    self._rows.popleft()  # only this thread pops the head; close() pops beyond it
+                self._inflight = 0
                 retried = min(self._failed_head, len(batch))
                 self._failed_head -= retried
                 self.counts["retried"] += retried
@@ -325,6 +347,7 @@ class Indexer:
 
     def _failed(self, e: Exception) -> None:
         with self._cond:
+            self._inflight = 0  # back in the queue: close() may drop it now
             self.counts["write_errors"] += 1
             self._failed_head = len(self._rows)  # all of them wait for the store now
             self._down = True
@@ -339,4 +362,4 @@ class Indexer:
     def _wait(self, s: float) -> bool:
         """Sleep `s` unless closing empties the queue first; True when it slept the whole time."""
         with self._cond:
-            return not self._cond.wait_for(lambda: self._closing and not self._rows, s)
+            return not self._cond.wait_for(lambda: self._abandoned or (self._closing and not self._rows), s)

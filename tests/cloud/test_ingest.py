@@ -140,8 +140,37 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking() -> None:
         assert (s["queued"], s["dropped"], s["written"], s["store_up"]) == (50, 30, 0, False)
         assert "connect" in s["last_error"]
     finally:
-        assert ix.close(timeout_s=0.5) == 50  # never written: counted as dropped at close
-    assert ix.stats()["dropped"] == 80
+        left = ix.close(timeout_s=0.5)  # all 50 unless a connect attempt held a batch just then
+    ix._thread.join(10)  # a failed connect during close drops its batch and ends the writer
+    assert not ix._thread.is_alive()
+    assert (ix.stats()["dropped"], ix.stats()["queued"], left in (50, 0)) == (80, 0, True)
+
+
+def test_close_during_a_slow_write_counts_each_row_once_and_the_writer_closes_its_store(
+    pg: EmbeddedPostgres,
+) -> None:
+    """A write that outlasts close(): a real slow write, the table locked by another connection."""
+    ix = Indexer(pg.url, "b-slow", DIM, batch_rows=4, batch_wait_s=0.0)
+    first, more = rows("b-slow", 1), rows("b-slow", 10, start=1)
+    assert ix.offer(first[0]) and ix.wait_idle(60)  # connected, the bundle registered
+    writer_store = ix._store
+    with FrameStore(pg.url) as blocker, FrameStore(pg.url) as watcher:
+        with blocker._conn.transaction():
+            blocker._conn.execute("LOCK TABLE splitclip_frames IN ACCESS EXCLUSIVE MODE")
+            assert all(ix.offer(r) for r in more)
+            wait_for(  # the writer's INSERT waits for the lock
+                lambda: watcher._conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]
+            )
+            left = ix.close(timeout_s=0.3)
+            assert ix._thread.is_alive() and 1 <= left < 10  # the batch in flight is the writer's
+            assert ix.stats()["dropped"] == left
+        # the lock is released: the writer finishes its batch, counts it, closes its store and ends
+        ix._thread.join(60)
+        assert not ix._thread.is_alive() and ix._store is None
+        s = ix.stats()
+        assert (s["written"], s["dropped"], s["duplicates"], s["queued"]) == (11 - left, left, 0, 0)
+        assert watcher.count("b-slow") == 11 - left
+    assert writer_store is not None and writer_store._conn.closed  # closed by the writer itself
 
 
 def test_a_store_outage_retries_the_queued_rows_and_drops_beyond_the_queue() -> None:

@@ -282,7 +282,9 @@ def test_a_store_that_is_down_answers_unavailable_and_frames_are_still_answered(
         r = await p.answer(maker.frame(image(1), 1, PROMPTS, frame_id=7, index=True))
         assert isinstance(r, pb.Result) and r.frame_id == 7  # answered although its row cannot be stored
         assert p.indexer is not None and p.indexer.stats()["queued"] == 1
-        assert p.indexer.close(timeout_s=0.3) == 1
+        p.indexer.close(timeout_s=0.3)  # 1, or 0 if a connect attempt held the row just then
+        p.indexer._thread.join(10)
+        assert (p.indexer.stats()["dropped"], p.indexer.stats()["queued"]) == (1, 0)
         service.close()
         await p.close()
 
