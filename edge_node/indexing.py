@@ -12,7 +12,10 @@ it once (idempotent on bundle, node and frame).
 The "edge-upload" thread drains the journal through Upload while the breaker is closed (split mode):
 it wakes when the breaker changes state (the prober's successful Hello closes it) and at least every
 second, sends oldest first in batches at `upload_rate_per_s`, stops at the first failure and tries
-again `upload_retry_s` later. A batch leaves the journal only when Upload returned OK, which the cloud
+again `upload_retry_s` later. A batch refused with INVALID_ARGUMENT (the cloud refuses a whole Upload
+for one frame it will not store) is resent an entry at a time, and an entry refused alone is dropped
+and counted (`rejected`), so that it cannot hold back the journal behind it; entries are made
+storable before they are journalled (journal.storable), so that is a frame the node could not foresee. A batch leaves the journal only when Upload returned OK, which the cloud
 answers only once the rows are durably stored; a lost acknowledgement means a resend whose rows the
 store counts as duplicates. So each frame is stored once, oldest first.
 """
@@ -30,7 +33,7 @@ import numpy as np
 
 from edge_node.breaker import CircuitBreaker
 from edge_node.client import CloudClient
-from edge_node.journal import Entry, Journal, Uploader
+from edge_node.journal import Entry, Journal, Refused, Uploader
 from edge_node.results import EdgeResult
 from edge_node.settings import EdgeSettings, default_node_id
 from edge_node.tickets import Ticket
@@ -125,6 +128,11 @@ class NodeIndex:
         return self.journal.pending(self.bundle_id) if self.journal is not None else 0
 
     @property
+    def rejected(self) -> int:
+        """Journal entries the cloud refused on their own since the node started (dropped)."""
+        return self.uploader.stats.rejected if self.uploader is not None else 0
+
+    @property
     def uploaded(self) -> int:
         """Journal entries the cloud acknowledged since the node started."""
         return self.uploader.stats.sent if self.uploader is not None else 0
@@ -182,6 +190,8 @@ class NodeIndex:
                 resp = self.client.upload(req, self.settings.upload_timeout_s)
             except grpc.RpcError as e:
                 code = e.code()
+                if code == grpc.StatusCode.INVALID_ARGUMENT:  # names the frame; the uploader splits it
+                    raise Refused(f"INVALID_ARGUMENT: {e.details()}") from None
                 raise UploadFailed(f"{code.name if code else 'UNKNOWN'}: {e.details()}") from None
             if resp.stored + resp.duplicates < len(frames):
                 raise ShortAck(f"the cloud counted {resp.stored + resp.duplicates} of {len(frames)} frames")

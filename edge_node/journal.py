@@ -14,6 +14,7 @@ keep answering while the uploader reads: nothing here needs a server.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -25,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from splitclip.constants import INDEX_MAX_LABELS, INDEX_MAX_TEXT_CHARS
+
+log = logging.getLogger("splitclip.edge")
 
 # PRAGMA user_version of the file; another version is refused, never guessed at. 2: labels are a JSON
 # list (1 joined them by newlines, so a prompt holding one came back as two labels).
@@ -195,16 +198,27 @@ class UploadStats:
     sent: int = 0  # entries acknowledged by the cloud
     batches: int = 0
     failures: int = 0  # batches the cloud did not acknowledge (retried later)
+    rejected: int = 0  # entries the cloud refused on their own (Refused): dropped from the journal
     last_error: str = ""
     # (monotonic time, entries) of the last LOG_BATCHES batches: a node runs for months, so bounded
     log: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=LOG_BATCHES))
+
+
+class Refused(RuntimeError):
+    """`send` raises this when the cloud refused the entries as invalid (INVALID_ARGUMENT): sending
+    them again as they are would be refused again, unlike a cloud that is down."""
 
 
 class Uploader:
     """Drains a journal through `send(entries)` (which raises when the cloud did not take them),
     oldest first, `batch` entries at a time, at most `rate_per_s` entries per second on average
     (across drains too: a drain right after another waits out the last batch's share of time).
-    With `bundle_id` only that bundle's entries are sent."""
+    With `bundle_id` only that bundle's entries are sent.
+
+    A batch the cloud refuses (Refused: it refuses a whole Upload for one bad frame) is resent one
+    entry at a time: an entry refused alone is dropped from the journal, counted in `rejected` and
+    logged, the others are stored as usual; kept, it would hold back every entry behind it forever.
+    Any other failure keeps the batch for the next drain."""
 
     def __init__(
         self,
@@ -243,15 +257,53 @@ class Uploader:
             t0 = self.clock()
             try:
                 self.send(entries)
+            except Refused as e:
+                stored, sends, ok = self._one_by_one(entries, e)
             except Exception as e:  # the cloud is gone again: keep them for the next drain
-                self.stats.failures += 1
-                self.stats.last_error = f"{type(e).__name__}: {e}"
+                self._failed(e)
                 break
-            self.journal.ack(entries)
-            sent += len(entries)
+            else:
+                self.journal.ack(entries)
+                stored, sends, ok = entries, len(entries), True
+            sent += len(stored)
             done += 1
-            self.stats.sent += len(entries)
+            self.stats.sent += len(stored)
             self.stats.batches += 1
-            self.stats.log.append((t0, len(entries)))
-            self._free_at = t0 + len(entries) / self.rate_per_s  # this batch's share of time
+            self.stats.log.append((t0, len(stored)))
+            self._free_at = t0 + sends / self.rate_per_s  # this batch's share of time
+            if not ok:
+                break
         return sent
+
+    def _one_by_one(self, entries: list[Entry], refusal: Refused) -> tuple[list[Entry], int, bool]:
+        """Resend a refused batch an entry at a time; returns the entries stored (acknowledged here),
+        entries sent, and False when a failure other than a refusal stopped it (the rest are kept)."""
+        stored: list[Entry] = []
+        sends = len(entries)
+        for e in entries:
+            if len(entries) > 1:
+                sends += 1
+                try:
+                    self.send([e])
+                except Refused as alone:
+                    refusal = alone
+                except Exception as x:
+                    self._failed(x)
+                    return stored, sends, False
+                else:
+                    self.journal.ack([e])
+                    stored.append(e)
+                    continue
+            self.journal.ack([e])  # refused on its own: it would be refused every time
+            self.stats.rejected += 1
+            log.warning(
+                "journal upload: the cloud refused frame %d of node %s, dropped from the journal (%s)",
+                e.frame_id,
+                e.node_id,
+                refusal,
+            )
+        return stored, sends, True
+
+    def _failed(self, e: Exception) -> None:
+        self.stats.failures += 1
+        self.stats.last_error = f"{type(e).__name__}: {e}"

@@ -180,6 +180,24 @@ def test_a_long_source_and_many_labels_are_journalled_as_the_cloud_takes_them(
     assert row.labels == tuple(r.labels[:32])  # the best 32
 
 
+def test_a_frame_the_cloud_refuses_is_dropped_and_the_journal_behind_it_uploaded(
+    bundle: Path, images, cloud: RefCloud, tmp_path: Path, caplog
+) -> None:
+    journal = tmp_path / "j.sqlite"
+    with indexed(bundle, journal) as offline:  # no cloud: all five journalled
+        ids = [r.frame_id for r in by_id(offline.classify_many(images[:5], PROMPTS))]
+    cloud.faults.refuse_upload_frames = {ids[1]}  # INVALID_ARGUMENT for any Upload holding it
+    with indexed(bundle, journal, cloud, **UPLOAD) as node:
+        wait_for(lambda: node.index.pending == 0, "the journal behind the refused frame")
+        assert (node.index.rejected, node.index.uploaded, node.index.uploader.stats.failures) == (1, 4, 0)
+    assert [r.frame_id for r in cloud.stored("cam-1", via="upload")] == [ids[0], *ids[2:]]
+    (warning,) = [r.getMessage() for r in caplog.records if "refused frame" in r.getMessage()]
+    assert f"refused frame {ids[1]} of node cam-1" in warning
+    assert f"INVALID_ARGUMENT: frames[0] (frame {ids[1]}): injected refusal" in warning
+    with indexed(bundle, journal) as again:  # dropped for good, not found again after a restart
+        assert again.index.pending == 0
+
+
 def test_an_unreachable_cloud_keeps_the_journal(
     bundle: Path, images, cloud: RefCloud, tmp_path: Path
 ) -> None:

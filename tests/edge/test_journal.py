@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_node.journal import Entry, Journal, JournalError, Uploader, storable_text
+from edge_node.journal import Entry, Journal, JournalError, Refused, Uploader, storable_text
 from splitclip.constants import INDEX_MAX_LABELS, INDEX_MAX_TEXT_CHARS
 
 BOOT = 1_764_662_400_000_000  # frame ids start at the clock in µs (edge_node.tickets.frame_ids)
@@ -170,11 +170,18 @@ class Store:
         self.order: list[int] = []
         self.fail = 0
         self.lose_ack = 0
+        self.refuse: set[int] = set()  # frame numbers (i of entry(i)) whose batch is refused whole
+        self.calls = 0
+        self.fail_calls: set[int] = set()  # these calls (1, 2, ...) fail as unavailable
 
     def send(self, batch: list[Entry]) -> None:
-        if self.fail:
-            self.fail -= 1
+        self.calls += 1
+        if self.fail or self.calls in self.fail_calls:
+            self.fail = max(0, self.fail - 1)
             raise ConnectionError("cloud unavailable")
+        for n, e in enumerate(batch):
+            if e.frame_id - BOOT in self.refuse:  # like the cloud: one bad frame refuses the call
+                raise Refused(f"INVALID_ARGUMENT: frames[{n}] (frame {e.frame_id}): labels: too many")
         for e in batch:
             if (e.bundle_id, e.node_id, e.frame_id) not in self.rows:
                 self.rows[(e.bundle_id, e.node_id, e.frame_id)] = e
@@ -207,6 +214,37 @@ def test_a_lost_acknowledgement_resends_and_the_store_still_has_each_frame_once(
     assert up.drain() == 0 and len(j) == 6  # stored, but the node cannot know: it keeps them
     assert up.drain() == 6 and len(j) == 0
     assert sorted(store.order) == list(range(6))  # each once
+
+
+def test_a_refused_batch_is_resent_one_by_one_and_the_refused_entry_dropped(tmp_path, caplog) -> None:
+    j, store = Journal(tmp_path / "j.sqlite"), Store()
+    for i in range(10):
+        j.add(entry(i))
+    store.refuse = {5, 6}
+    up = Uploader(j, store.send, batch=4, rate_per_s=1e9)
+    assert up.drain() == 8 and len(j) == 0  # nothing left to block the journal
+    assert store.order == [0, 1, 2, 3, 4, 7, 8, 9]  # those behind the refused ones too, in order
+    assert (up.stats.rejected, up.stats.failures, up.stats.sent) == (2, 0, 8)
+    assert store.calls == 1 + (1 + 4) + 1  # batch 1; batch 2 refused, then each alone; batch 3
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 2 and f"refused frame {BOOT + 5} of node cam-1" in warned[0]
+    assert f"frames[0] (frame {BOOT + 5}): labels: too many" in warned[0]  # the cloud's message, alone
+    j.close()
+
+
+def test_a_refused_single_entry_is_dropped_and_a_failure_while_splitting_keeps_the_rest(tmp_path) -> None:
+    j, store = Journal(tmp_path / "j.sqlite"), Store()
+    for i in range(4):
+        j.add(entry(i))
+    store.refuse, store.fail_calls = {0, 2}, {4}  # batch 1 alone: dropped; batch 2 refused, then down
+    up = Uploader(j, store.send, batch=1, rate_per_s=1e9)
+    assert up.drain(max_batches=1) == 0 and (up.stats.rejected, store.calls, len(j)) == (1, 1, 3)
+    up.batch = 3
+    assert up.drain() == 1 and up.stats.failures == 1  # frame 1 stored alone, then the cloud went away
+    assert "cloud unavailable" in up.stats.last_error and [e.frame_id - BOOT for e in j.oldest(9)] == [2, 3]
+    assert up.drain() == 1 and up.stats.rejected == 2 and len(j) == 0  # refused alone in the next drain
+    assert store.order == [1, 3]
+    j.close()
 
 
 def test_the_rate_limit_spaces_batches_by_their_share_of_time(tmp_path) -> None:
