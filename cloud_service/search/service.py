@@ -8,7 +8,9 @@ and run through the VisionTail at cut 0, the same `embed_many` backend frames us
 
 The store is blocking (psycopg): every call runs in a worker thread on a `StoreLink`, a FrameStore
 of its own (the indexer's writer has another connection), connected on first use and again after it
-was lost. Store down: UNAVAILABLE with one line, so that a node keeps its journal and retries.
+was lost. Store down: UNAVAILABLE with one line, so that a node keeps its journal and retries; after a
+failed connect, at once for `search_retry_s` (StoreLink). A store that refuses this cloud at connect
+(a schema newer than the code, the bundle stored with another dim): FAILED_PRECONDITION.
 Upload writes synchronously (the node deletes its journal rows only after an OK), idempotent on
 (bundle, node, frame): a batch sent twice is stored once (`duplicates`).
 """
@@ -25,6 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import numpy as np
+import psycopg
 from numpy.typing import NDArray
 from PIL import Image
 
@@ -36,6 +39,7 @@ from cloud_service.search.store import FrameStore, Hit, Row, StoreError
 from cloud_service.settings import CloudSettings, SettingsError
 from splitclip.bundle import Bundle
 from splitclip.constants import INDEX_MAX_LABELS, INDEX_MAX_TEXT_CHARS, SEARCH_MAX_K, UPLOAD_MAX_FRAMES
+from splitclip.errors import SplitclipError
 from splitclip.preprocess import PreprocessConfig, to_model_input
 from splitclip.prompts import PromptError
 
@@ -88,28 +92,60 @@ def time_value(what: str, value: float) -> float | None:
 
 class StoreLink:
     """A FrameStore for requests: connected (migrated, bundle registered) on first use and after a loss;
-    one call at a time on its connection, each in a worker thread."""
+    one call at a time on its connection, each in a worker thread.
+
+    A failed connect is remembered for `search_retry_s`: until then every call is answered at once, in
+    the caller's task, with the same refusal (UNAVAILABLE while the store is down; FAILED_PRECONDITION
+    when the store refuses this code or bundle: a schema newer than the code, the bundle stored with
+    another dim), so that with a black-holed store calls neither queue on the lock behind 5 s connects
+    nor take worker threads."""
 
     def __init__(self, url: str, bundle_id: str, dim: int, settings: SearchSettings | None = None) -> None:
         self.url, self.bundle_id, self.dim, self.settings = url, bundle_id, dim, settings
+        self.retry_s = (settings or SearchSettings()).search_retry_s
         self._store: FrameStore | None = None
         self._lock = threading.Lock()
+        self._refusal: errors.ServiceError | None = None  # of the last failed connect
+        self._retry_at = 0.0  # monotonic time before which that refusal stands
 
     async def call(self, fn: Callable[[FrameStore], T]) -> T:
+        self._fail_fast()
         return await asyncio.to_thread(self._call, fn)
+
+    def _fail_fast(self) -> None:
+        refusal = self._refusal
+        if refusal is not None and time.monotonic() < self._retry_at:
+            raise errors.ServiceError(refusal.code, refusal.message, refusal.kind)
 
     def _call(self, fn: Callable[[FrameStore], T]) -> T:
         with self._lock:
+            self._fail_fast()  # a connect that failed while this call waited for the lock
+            if self._store is None:
+                self._store = self._connect()
             try:
-                if self._store is None:
-                    self._store = connect(self.url, self.bundle_id, self.dim, self.settings)
                 return fn(self._store)
             except Exception as e:
                 if not is_down(e):
                     raise
                 self._drop()
-                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                raise errors.unavailable(f"the search store is unavailable, try again later ({first})") from e
+                raise unavailable(e) from e
+
+    def _connect(self) -> FrameStore:
+        try:
+            store = connect(self.url, self.bundle_id, self.dim, self.settings)
+        except Exception as e:
+            if is_down(e):
+                refusal = unavailable(e)
+            elif isinstance(e, SplitclipError | psycopg.Error):
+                # the server refuses this code or bundle (MigrationError: a newer schema; StoreError: the
+                # bundle stored with another dim; no pgvector): no request can fix it
+                refusal = errors.precondition(f"the search store cannot serve this cloud: {_first(e)}")
+            else:
+                raise
+            self._refusal, self._retry_at = refusal, time.monotonic() + self.retry_s
+            raise refusal from e
+        self._refusal = None
+        return store
 
     def _drop(self) -> None:
         if self._store is not None:
@@ -120,6 +156,15 @@ class StoreLink:
     def close(self) -> None:
         with self._lock:
             self._drop()
+
+
+def _first(e: BaseException) -> str:
+    """The first line of `e`'s message (its type when it has none), for one-line statuses."""
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+
+
+def unavailable(e: BaseException) -> errors.ServiceError:
+    return errors.unavailable(f"the search store is unavailable, try again later ({_first(e)})")
 
 
 class SearchService:
@@ -232,7 +277,8 @@ class SearchService:
     async def _store(self, fn: Callable[[FrameStore], T]) -> T:
         try:
             return await self.link.call(fn)
-        except StoreError as e:  # a request the store refuses (validated above, so not expected)
+        except StoreError as e:  # a request the store refuses (validated above, so not expected);
+            # the store's own faults at connect are FAILED_PRECONDITION / UNAVAILABLE (StoreLink)
             raise errors.invalid(f"the search store refused the request: {e}") from e
 
     def close(self) -> None:

@@ -28,6 +28,9 @@ class SearchSettings:
     hnsw_m: int = 16  # HNSW graph degree (pgvector: 2..100); set when a bundle's index is built
     hnsw_ef_construction: int = 64  # HNSW build candidate list (pgvector: >= 2*m, <= 1000)
     hnsw_ef_search: int = 100  # HNSW query candidate list per search (raised to k when k is bigger)
+    # after a failed connect, Search / Upload answer at once (UNAVAILABLE) for this long before the next
+    # connect attempt, as the Redis store does (redis_retry_s): calls do not queue behind connects
+    search_retry_s: float = 1.0
 
     @staticmethod
     def load(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> SearchSettings:
@@ -45,6 +48,8 @@ class SearchSettings:
             )
         if not 1 <= self.hnsw_ef_search <= EF_SEARCH_MAX:
             raise SettingsError(f"hnsw_ef_search must be in 1..{EF_SEARCH_MAX}, got {self.hnsw_ef_search}")
+        if not (self.search_retry_s >= 0 and self.search_retry_s < float("inf")):
+            raise SettingsError(f"search_retry_s must be >= 0 and finite, got {self.search_retry_s}")
         if self.pg_url and not self.pg_url.startswith(("postgresql://", "postgres://")):
             scheme = self.pg_url.partition("://")[0] if "://" in self.pg_url else self.pg_url[:12]
             raise SettingsError(f"pg_url must start with postgresql:// or postgres://, got {scheme!r}...")

@@ -355,3 +355,82 @@ def test_the_ingress_answers_search_and_upload_only_when_search_is_on(tiny_bundl
         await on.pipeline.close()
 
     asyncio.run(scenario())
+
+
+def test_after_a_failed_connect_calls_are_answered_at_once_for_the_retry_interval(runtime) -> None:
+    """A black-holed store: a listening socket that never answers (accepted by the kernel, never by a
+    server). The first call waits out its connect timeout; the calls after it within search_retry_s are
+    UNAVAILABLE without a connect attempt (none reaches the socket) and without a worker thread."""
+    import socket
+
+    from cloud_service.search.settings import SearchSettings
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    hole.setblocking(False)
+    url = (
+        f"postgresql://postgres@127.0.0.1:{hole.getsockname()[1]}/postgres?connect_timeout=1&sslmode=disable"
+    )
+    bundle, dim = runtime.manifest.bundle_id, runtime.manifest.embed_dim
+
+    def attempts() -> int:
+        n = 0
+        while True:
+            try:
+                conn, _ = hole.accept()
+            except BlockingIOError:
+                return n
+            conn.close()
+            n += 1
+
+    async def calls(link: StoreLink, n: int) -> list[BaseException | int]:
+        return await asyncio.gather(*(link.call(lambda s: s.count(bundle)) for _ in range(n)),
+                                    return_exceptions=True)  # fmt: skip
+
+    try:
+        link = StoreLink(url, bundle, dim, SearchSettings(search_retry_s=3600.0))
+        first = asyncio.run(calls(link, 1))[0]
+        assert isinstance(first, errors.ServiceError) and first.code == grpc.StatusCode.UNAVAILABLE
+        assert attempts() >= 1
+        for e in asyncio.run(calls(link, 20)):
+            assert isinstance(e, errors.ServiceError) and e.code == grpc.StatusCode.UNAVAILABLE, e
+            assert e.message == first.message and "unavailable, try again later" in e.message
+        assert attempts() == 0  # none of the 20 tried to connect
+        # retry interval 0: every call tries again (so the count above could have seen them)
+        again = StoreLink(url, bundle, dim, SearchSettings(search_retry_s=0.0))
+        assert all(isinstance(e, errors.ServiceError) for e in asyncio.run(calls(again, 2)))
+        assert attempts() >= 2
+    finally:
+        hole.close()
+
+
+def test_a_store_that_refuses_this_cloud_at_connect_is_failed_precondition(runtime, pg) -> None:
+    """Server-side faults raised from connect() (a schema newer than the code, the bundle stored with
+    another dim) are FAILED_PRECONDITION with their message, not INVALID_ARGUMENT."""
+    from psycopg.conninfo import make_conninfo
+
+    bundle, dim = runtime.manifest.bundle_id, runtime.manifest.embed_dim
+    with FrameStore(pg.url) as admin:
+        admin.migrate()
+        admin.ensure_bundle("b-dim-other", dim + 1)
+        admin._conn.execute("DROP DATABASE IF EXISTS splitclip_newer")
+        admin._conn.execute("CREATE DATABASE splitclip_newer")
+    newer = make_conninfo(pg.url, dbname="splitclip_newer")
+    with FrameStore(newer) as s:
+        s.migrate()
+        s._conn.execute(
+            "INSERT INTO splitclip_schema_version (version, name) VALUES (9999, 'from the future')"
+        )
+    for link, needle in (
+        (StoreLink(newer, bundle, dim), "schema version(s) [9999]"),
+        (StoreLink(pg.url, "b-dim-other", dim), f"stored with dim {dim + 1}, not {dim}"),
+    ):
+        service = SearchService(link.bundle_id, dim, None, link, max_image_bytes=1 << 20)  # type: ignore[arg-type]
+        up = pb.UploadRequest(node_id="n", bundle_id=link.bundle_id,
+                              frames=[indexed(1, unit_rows(dim, 1, 0)[0], T0, [])])  # fmt: skip
+        with pytest.raises(errors.ServiceError) as e:
+            asyncio.run(service.upload(up))
+        assert code_of(e) == grpc.StatusCode.FAILED_PRECONDITION and needle in e.value.message, e.value
+        assert "\n" not in e.value.message
+        link.close()
