@@ -190,7 +190,9 @@ class NodeIndex:
                 resp = self.client.upload(req, self.settings.upload_timeout_s)
             except grpc.RpcError as e:
                 code = e.code()
-                if code == grpc.StatusCode.INVALID_ARGUMENT:  # names the frame; the uploader splits it
+                if code == grpc.StatusCode.INVALID_ARGUMENT and "frames[" in (e.details() or ""):
+                    # one frame the cloud will not store, named (the uploader splits the batch); a
+                    # refusal of the call itself (its node id, say) would refuse every entry: kept
                     raise Refused(f"INVALID_ARGUMENT: {e.details()}") from None
                 raise UploadFailed(f"{code.name if code else 'UNKNOWN'}: {e.details()}") from None
             if resp.stored + resp.duplicates < len(frames):

@@ -198,6 +198,21 @@ def test_a_frame_the_cloud_refuses_is_dropped_and_the_journal_behind_it_uploaded
         assert again.index.pending == 0
 
 
+def test_a_refusal_that_names_no_frame_keeps_the_batch(
+    bundle: Path, images, cloud: RefCloud, tmp_path: Path
+) -> None:
+    """INVALID_ARGUMENT about the call itself (not `frames[i] ...`) would refuse each entry alone too:
+    dropping them all would lose the journal, so it is a failure like any other, retried later."""
+    journal = tmp_path / "j.sqlite"
+    with indexed(bundle, journal) as offline:
+        ids = [r.frame_id for r in by_id(offline.classify_many(images[:3], PROMPTS))]
+    cloud.faults.upload_codes = [grpc.StatusCode.INVALID_ARGUMENT]  # "injected": no frame named
+    with indexed(bundle, journal, cloud, **UPLOAD) as node:
+        wait_for(lambda: node.index.pending == 0, "the retry after the refused call")
+        assert (node.index.rejected, node.index.uploader.stats.failures) == (0, 1)
+    assert [r.frame_id for r in cloud.stored("cam-1", via="upload")] == ids
+
+
 def test_an_unreachable_cloud_keeps_the_journal(
     bundle: Path, images, cloud: RefCloud, tmp_path: Path
 ) -> None:
