@@ -10,7 +10,7 @@ same as one JSON object.
 (2026-12-02T08:00, 2026-12-02 08:00:00+01:00, 2026-12-02; without an offset it is local time).
 The connection is the edge's: --cloud or SPLITCLIP_CLOUD, the node token from SPLITCLIP_NODE_TOKEN(_FILE),
 TLS from SPLITCLIP_TLS_CA. Bad arguments are UsageErrors; a failed call is one line naming the cause
-(the cloud unreachable, search off on it, a refused token), exit 2 (splitclip/cli.py prints them).
+(the cloud unreachable, its search store down, search off on it, a refused token), exit 2 (splitclip/cli.py prints them).
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from splitclip.constants import SEARCH_MAX_K
 from splitclip.errors import SplitclipError, UsageError
 
 HELP = "search the fleet's indexed frames by text or by an example image"
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(s|m|h|d|w)\s*$", re.IGNORECASE)
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-MAX_K = 1000
 
 
 class SearchError(SplitclipError):
@@ -58,7 +58,7 @@ def build_parser(p: argparse.ArgumentParser) -> None:
         "--node", action="append", dest="nodes", default=[], metavar="ID", help="only this node (repeat)"
     )
     p.add_argument("--label", help="only frames with this label among their top labels")
-    p.add_argument("-k", type=int, default=10, help=f"hits to show (1..{MAX_K}, default 10)")
+    p.add_argument("-k", type=int, default=10, help=f"hits to show (1..{SEARCH_MAX_K}, default 10)")
     p.add_argument("--bundle-id", default="", help="the bundle whose frames to search (default: the cloud's)")
     p.add_argument("--cloud", metavar="HOST:PORT", help="cloud gRPC address [SPLITCLIP_CLOUD]")
     p.add_argument(
@@ -97,8 +97,8 @@ def build_request(args: argparse.Namespace, *, now: float | None = None) -> Any:
     for t in args.templates:
         if "{}" not in t:
             raise UsageError(f"--template {t!r} has no {{}} where the query goes")
-    if not 1 <= args.k <= MAX_K:
-        raise UsageError(f"-k must be in 1..{MAX_K}, got {args.k}")
+    if not 1 <= args.k <= SEARCH_MAX_K:
+        raise UsageError(f"-k must be in 1..{SEARCH_MAX_K}, got {args.k}")
     if args.timeout <= 0:
         raise UsageError(f"--timeout must be positive, got {args.timeout}")
     now = time.time() if now is None else now
@@ -173,6 +173,8 @@ def explain(e: Any, cloud: str, timeout: float) -> str:
     import grpc
 
     code, details = e.code(), (e.details() or "").strip()
+    if code == grpc.StatusCode.UNAVAILABLE and "search store is unavailable" in details:
+        return f"the cloud at {cloud} answered, but {details}"  # its PostgreSQL is down, not the link
     if code == grpc.StatusCode.UNAVAILABLE:
         return f"cannot reach the cloud at {cloud} ({details or 'unavailable'})"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -56,6 +56,7 @@ class Faults:
     upload_codes: list[grpc.StatusCode] = field(default_factory=list)  # Upload fails with these first
     lose_upload_acks: int = 0  # Uploads that store their rows and then fail with UNAVAILABLE
     refuse_upload_frames: set[int] = field(default_factory=set)  # frame ids whose Upload is INVALID_ARGUMENT
+    store_down: str = ""  # set: Search fails as the cloud does while its PostgreSQL is down (UNAVAILABLE)
 
 
 @dataclass(frozen=True)
@@ -319,6 +320,9 @@ class RefCloud(pb_grpc.SplitClipServicer):
             self.searches.append(request)
         if not self.search_on:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "search is off on this cloud")
+        if self.faults.store_down:  # the words of cloud_service/search/service.py
+            message = f"the search store is unavailable, try again later ({self.faults.store_down})"
+            context.abort(grpc.StatusCode.UNAVAILABLE, message)
         if bool(request.text) == bool(request.image):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give exactly one of text and image")
         if request.text:

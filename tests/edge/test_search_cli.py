@@ -72,6 +72,7 @@ def test_the_request_carries_every_filter() -> None:
         (("truck", "--image", "x.png"), "give a text query or --image"),
         (("  ",), "the text query is empty"),
         (("truck", "-k", "0"), "-k must be in 1..1000"),
+        (("truck", "-k", "1001"), "-k must be in 1..1000, got 1001"),  # SEARCH_MAX_K, the cloud's cap
         (("truck", "--template", "a photo"), "has no {} where the query goes"),
         (("truck", "--since", "1h", "--until", "2h"), "--since 1h is after --until 2h"),
         (("truck", "--since", "soon"), "--since 'soon': expected a duration"),
@@ -176,6 +177,17 @@ def test_failed_calls_are_one_line_errors(bundle: Path, cloud: RefCloud, monkeyp
         search_cli.run(parse("truck", "--cloud", f"127.0.0.1:{off.port}", "--timeout", "2"))
     with pytest.raises(UsageError, match="no cloud to search"):
         search_cli.run(parse("truck"))
+
+
+def test_a_store_that_is_down_is_not_an_unreachable_cloud(cloud: RefCloud) -> None:
+    cloud.faults.store_down = "connection refused"
+    addr = f"127.0.0.1:{cloud.port}"
+    with pytest.raises(search_cli.SearchError) as e:
+        search_cli.run(parse("truck", "--cloud", addr))
+    assert str(e.value) == (
+        f"the cloud at {addr} answered, but the search store is unavailable, try again later "
+        "(connection refused)"
+    )
 
 
 def test_main_prints_the_error_in_one_line(capsys) -> None:
