@@ -10,6 +10,7 @@ as an `Unparsed` (cloud_service.lenient) and is refused with INVALID_ARGUMENT.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,7 +26,6 @@ from cloud_service.grpc_api import Unparsed, pb
 from cloud_service.health import HealthCheckResponse, Readiness, UnknownService
 from cloud_service.pipeline import Backends, Pipeline
 from cloud_service.search.service import OFF, SearchService, open_search
-from cloud_service.search.settings import redacted as pg_redacted
 from cloud_service.settings import CloudSettings
 
 log = logging.getLogger("splitclip.cloud.ingress")
@@ -67,7 +67,7 @@ class Ingress:
             self.pipeline.num_blocks,
             "on" if self.pipeline.auth.enabled else "off",
             redacted(s.redis_url) or "off",
-            pg_redacted(s.pg_url) if s.search else "off",
+            redacted(s.pg_url) if s.search else "off",
         )
 
     async def Classify(self, frame: pb.Frame | Unparsed, grpc_context: Any = None) -> pb.Result:
@@ -150,10 +150,27 @@ class Ingress:
     def clear_memo(self) -> None:
         self.pipeline.clear_memo()
 
-    def __del__(self) -> None:
-        """Serve calls this when the replica stops: write what the indexer holds (a few seconds at most)."""
-        if getattr(self, "search", None) is not None and self.pipeline.indexer is not None:
+    def __del__(self) -> Awaitable[None] | None:
+        """Serve calls this when the replica stops, on the replica's event loop, and awaits a coroutine
+        it returns (ray/serve/_private/replica.py: call_destructor, _call_func_or_gen). So the blocking
+        part (the indexer writing what it holds for up to 5 s, closing the psycopg connections) goes
+        to a worker thread in that coroutine, and the loop keeps answering meanwhile. Not `async def`:
+        Python's own finalizer calls __del__ too, later, and a coroutine it made would never run
+        (a RuntimeWarning); by then there is nothing left to do and it returns None."""
+        if getattr(self, "search", None) is None or getattr(self, "_closing_search", False):
+            return None
+        self._closing_search = True
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no event loop to keep free (a plain call)
+            self._close_search()
+            return None
+        return asyncio.to_thread(self._close_search)
+
+    def _close_search(self) -> None:
+        if self.pipeline.indexer is not None:
             self.pipeline.indexer.close(timeout_s=5.0)
+        if self.search is not None:
             self.search.close()
 
 

@@ -286,10 +286,12 @@ class SearchService:
 
 
 def open_search(
-    s: CloudSettings, bundle: Bundle, *, queue_rows: int = 10_000, batch_rows: int = 256
+    s: CloudSettings, bundle: Bundle, *, queue_rows: int, batch_rows: int
 ) -> tuple[SearchService, Indexer]:
-    """The Search/Upload service and the frames' indexer of an ingress replica (`s.search` on). Nothing
-    connects here: both reach the store on first use, so that a replica starts while it is down."""
+    """The Search/Upload service and the frames' indexer of an ingress replica (`s.search` on), the
+    indexer holding `queue_rows` rows and writing `batch_rows` per COPY (the ingress passes
+    index_queue_rows / index_batch_rows). Nothing connects here: both reach the store on first use,
+    so that a replica starts while it is down."""
     if not s.pg_url:
         raise SettingsError(
             "search is on but pg_url is empty: set SPLITCLIP_PG_URL (`splitclip cloud --search` starts an "
@@ -302,8 +304,8 @@ def open_search(
         bundle_id,
         dim,
         settings=settings,
-        queue_rows=s.index_queue_rows,
-        batch_rows=s.index_batch_rows,
+        queue_rows=queue_rows,
+        batch_rows=batch_rows,
     )
     cfg = PreprocessConfig.from_dict(bundle.read_json("preprocess.json"))
     link = StoreLink(s.pg_url, bundle_id, dim, settings)

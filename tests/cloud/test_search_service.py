@@ -297,7 +297,14 @@ def test_search_off_ignores_index_and_search_on_needs_a_url(tiny_bundle_dir, red
         await p.classify(maker.frame(image(1), 1, PROMPTS, index=True))
         assert p.stats()["counters"]["index_ignored"] == 1 and "index" not in p.stats()
         with pytest.raises(SettingsError, match="SPLITCLIP_PG_URL"):
-            open_search(settings(tiny_bundle_dir, redis_server.url, search=True), p.bundle)
+            open_search(
+                settings(tiny_bundle_dir, redis_server.url, search=True), p.bundle, queue_rows=1, batch_rows=1
+            )
+        on = settings(tiny_bundle_dir, redis_server.url, search=True, pg_url=DOWN_URL)
+        service, ix = open_search(on, p.bundle, queue_rows=3, batch_rows=2)
+        assert (ix.queue_rows, ix.batch_rows) == (3, 2)  # the indexer is sized as asked
+        ix.close(timeout_s=0)
+        service.close()
         await p.close()
 
     asyncio.run(scenario())
@@ -350,8 +357,22 @@ def test_the_ingress_answers_search_and_upload_only_when_search_is_on(tiny_bundl
         r = await on.Upload(pb.UploadRequest(node_id="ing", bundle_id=bundle))
         assert (r.stored, r.duplicates) == (0, 0)
         assert on.stats()["index"]["queued"] == 0
-        on.__del__()  # what Serve calls when the replica stops: the indexer is closed
-        assert not on.pipeline.indexer._thread.is_alive()
+        closing = on.__del__()  # what Serve calls when the replica stops, and awaits what it returns
+        assert asyncio.iscoroutine(closing)  # the blocking close runs in a worker thread, off this loop
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.create_task(tick())
+        await closing
+        ticker.cancel()
+        assert ticks >= 1  # the loop ran other tasks during the close
+        assert not on.pipeline.indexer._thread.is_alive()  # the indexer is closed
+        assert on.__del__() is None  # a second call (Python's finalizer) has nothing left to do
         await on.pipeline.close()
 
     asyncio.run(scenario())
