@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_node.planner import StageProfile, frame_costs, profile_stages, stage_times
+from edge_node.settings import cache_root
 from splitclip import codec
 from splitclip.bundle import Bundle
 from splitclip.runtime import BundleRuntime
@@ -110,7 +111,7 @@ def device_key() -> str:
 
 
 def cache_file(cache_dir: Path | None, bundle_id: str, device: str) -> Path:
-    root = cache_dir or Path(os.environ.get("SPLITCLIP_CACHE_DIR") or Path.home() / ".cache" / "splitclip")
+    root = cache_root(cache_dir)
     digest = hashlib.sha256(device.encode()).hexdigest()[:12]
     return root / "profiles" / f"{bundle_id}-{digest}.json"
 

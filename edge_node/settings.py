@@ -83,6 +83,13 @@ def default_node_id() -> str:
     return f"edge-{socket.gethostname()}-{os.getpid()}"
 
 
+def cache_root(cache_dir: Path | None = None) -> Path:
+    """The node's cache directory (device profiles, journals): `cache_dir` if given, else
+    SPLITCLIP_CACHE_DIR, else ~/.cache/splitclip. Read at call time, so a caller without settings
+    (the profiler) finds the same directory."""
+    return cache_dir or Path(os.environ.get("SPLITCLIP_CACHE_DIR") or Path.home() / ".cache" / "splitclip")
+
+
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "demo"  # built by `make demo`
 
 
@@ -138,9 +145,7 @@ class EdgeSettings:
         journal holds one node's frames of one bundle, so it never uploads them under another's name)."""
         if self.journal is not None:
             return self.journal
-        root = self.cache_dir or Path(
-            os.environ.get("SPLITCLIP_CACHE_DIR") or Path.home() / ".cache" / "splitclip"
-        )
+        root = cache_root(self.cache_dir)
         node = re.sub(r"[^A-Za-z0-9._-]", "_", self.node_id)  # a file name, whatever the id holds
         return root / "journal" / f"{node}--{bundle_id}.sqlite"
 

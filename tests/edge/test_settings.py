@@ -93,3 +93,16 @@ def test_upload_limits_are_the_clouds(env: dict[str, str], message: str) -> None
     assert str(e.value) == message and "\n" not in message
     assert EdgeSettings.from_env({"SPLITCLIP_UPLOAD_BATCH": "4096"}).upload_batch == 4096
     assert EdgeSettings.from_env({"SPLITCLIP_NODE_ID": "n" * 301}).node_id == "n" * 301  # index off: fine
+
+
+def test_the_journal_and_the_device_profiles_share_one_cache_dir(tmp_path: Path, monkeypatch) -> None:
+    from edge_node import profile
+    from edge_node.settings import cache_root
+
+    monkeypatch.setenv("SPLITCLIP_CACHE_DIR", str(tmp_path / "env"))
+    s = EdgeSettings(node_id="cam-1")  # built without from_env: the variable is read at call time
+    assert s.journal_path("b").parent == tmp_path / "env" / "journal"
+    assert profile.cache_file(None, "b", "d").parent == tmp_path / "env" / "profiles"
+    assert cache_root(tmp_path) == tmp_path  # a given dir wins
+    monkeypatch.delenv("SPLITCLIP_CACHE_DIR")
+    assert cache_root() == Path.home() / ".cache" / "splitclip"
