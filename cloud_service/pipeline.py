@@ -231,7 +231,7 @@ class Pipeline:
                 from cloud_service.search.ingest import frame_row  # psycopg only once search is on
 
                 if not self.indexer.offer(frame_row(self.bundle_id, frame, result, img)):
-                    self.metrics.local["index_dropped"] += 1
+                    self.metrics.local["index_not_queued"] += 1  # rejected or dropped: see stats()["index"]
         return result
 
     def _load(self, tail_ms: float, blocks: int, queue_ms: float, a: float = 0.2) -> None:

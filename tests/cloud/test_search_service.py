@@ -264,7 +264,7 @@ def test_a_store_that_is_down_answers_unavailable_and_frames_are_still_answered(
 ):
     async def scenario() -> None:
         p = local_pipeline(settings(tiny_bundle_dir, redis_server.url))
-        service = searching(p, DOWN_URL)
+        service = searching(p, DOWN_URL, index_queue_rows=1)
         dim = runtime.manifest.embed_dim
         up = pb.UploadRequest(
             node_id="n", bundle_id=p.bundle_id, frames=[indexed(1, unit_rows(dim, 1, 0)[0], T0, [])]
@@ -282,9 +282,12 @@ def test_a_store_that_is_down_answers_unavailable_and_frames_are_still_answered(
         r = await p.answer(maker.frame(image(1), 1, PROMPTS, frame_id=7, index=True))
         assert isinstance(r, pb.Result) and r.frame_id == 7  # answered although its row cannot be stored
         assert p.indexer is not None and p.indexer.stats()["queued"] == 1
+        r = await p.answer(maker.frame(image(2), 1, PROMPTS, frame_id=8, index=True))  # the queue is full
+        assert isinstance(r, pb.Result) and r.frame_id == 8
+        assert p.stats()["counters"]["index_not_queued"] == 1 and p.indexer.stats()["dropped"] == 1
         p.indexer.close(timeout_s=0.3)  # 1, or 0 if a connect attempt held the row just then
         p.indexer._thread.join(10)
-        assert (p.indexer.stats()["dropped"], p.indexer.stats()["queued"]) == (1, 0)
+        assert (p.indexer.stats()["dropped"], p.indexer.stats()["queued"]) == (2, 0)
         service.close()
         await p.close()
 
