@@ -357,8 +357,12 @@ def test_the_ingress_answers_search_and_upload_only_when_search_is_on(tiny_bundl
 
         on = Ingress.func_or_class(handle, handle, handle, {**base, "search": True, "pg_url": pg.url})
         bundle = on.pipeline.bundle_id
-        r = await on.Upload(pb.UploadRequest(node_id="ing", bundle_id=bundle))
-        assert (r.stored, r.duplicates) == (0, 0)
+        emb = unit_rows(on.pipeline.bundle.manifest.embed_dim, 1, seed=21)[0]
+        up = pb.UploadRequest(node_id="ing", bundle_id=bundle, frames=[indexed(1, emb, T0, ["cat"])])
+        r = await on.Upload(up)
+        assert (r.stored, r.duplicates) == (1, 0)  # stored through its service
+        r = await on.Upload(up)
+        assert (r.stored, r.duplicates) == (0, 1)
         assert on.stats()["index"]["queued"] == 0
         closing = on.__del__()  # what Serve calls when the replica stops, and awaits what it returns
         assert asyncio.iscoroutine(closing)  # the blocking close runs in a worker thread, off this loop
