@@ -13,7 +13,7 @@ def test_generated_code_is_current() -> None:
 
     assert hasattr(pb_grpc, "SplitClipStub")
     assert {m.name for m in pb.DESCRIPTOR.services_by_name["SplitClip"].methods} == {
-        "Classify", "ClassifyStream", "EncodeText", "Hello",
+        "Classify", "ClassifyStream", "EncodeText", "Hello", "Search", "Upload",
     }  # fmt: skip
 
 
