@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 HELP = "start the Ray Serve cloud service (local Ray, embedded Valkey)"
 
@@ -94,41 +96,25 @@ def run(args: argparse.Namespace) -> int:
     bundle_dir = Path(settings.bundle).resolve()
     bundle = load_bundle(bundle_dir)  # fail here, with a clear message, rather than in a replica
 
-    redis_url = settings.redis_url
-    embedded = None
-    if not redis_url:
-        embedded = EmbeddedRedis().start()
-        redis_url = embedded.url
-        print(f"splitclip cloud: embedded Valkey at {redis_url}", flush=True)
-    pg = None
-    search_args: dict[str, object] = {}
-    if settings.search:
-        pg_url = args.pg_url  # SPLITCLIP_PG_URL the replicas read from their own environment
-        if not settings.pg_url:
-            try:
+    config = launch.load_config(args.config)  # a missing or unparsable file: before anything starts
+    embedded = pg = None
+    try:  # from the first thing started: a bad config, a failed deploy or Ctrl-C stop what is up
+        redis_url = settings.redis_url
+        if not redis_url:
+            embedded = EmbeddedRedis().start()
+            redis_url = embedded.url
+            print(f"splitclip cloud: embedded Valkey at {redis_url}", flush=True)
+        if settings.search:
+            if not settings.pg_url:
                 pg = start_embedded_pg(args.pg_data_dir)
-            except Exception:
-                if embedded is not None:
-                    embedded.stop()
-                raise
-            pg_url = pg.url
-            print(f"splitclip cloud: embedded PostgreSQL in {pg.data_dir}", flush=True)
-        search_args = {"search": True, "pg_url": pg_url}
-    grpc_port = settings.grpc_port or None  # 0: the Serve config's port
-    cfg = launch.with_overrides(
-        launch.load_config(args.config),
-        args={
-            "bundle": str(bundle_dir),
-            "redis_url": redis_url,
-            "max_batch_size": args.max_batch_size,
-            "batch_wait_s": args.batch_wait_s,
-            **search_args,
-        },
-        grpc_port=grpc_port,
-        http_port=args.http_port,
-    )
-    port = cfg["grpc_options"]["port"]
-    try:
+                print(f"splitclip cloud: embedded PostgreSQL in {pg.data_dir}", flush=True)
+            # The replicas read SPLITCLIP_PG_URL from their environment, which the local Ray started
+            # below inherits from this process (as launch.SERVE_ENV): a password in --pg-url never
+            # goes into the Serve config, which `serve status` and the dashboard show.
+            os.environ["SPLITCLIP_PG_URL"] = pg.url if pg is not None else settings.pg_url
+        grpc_port = settings.grpc_port or None  # 0: the Serve config's port
+        cfg = serve_config(config, args, bundle_dir, redis_url, search=settings.search, grpc_port=grpc_port)
+        port = cfg["grpc_options"]["port"]
         print(f"splitclip cloud: starting Ray and Serve for bundle {bundle.id} ...", flush=True)
         launch.init_ray(args.num_cpus)
         launch.deploy(cfg)
@@ -144,13 +130,41 @@ def run(args: argparse.Namespace) -> int:
                 stop.wait()
     finally:
         print("splitclip cloud: shutting down", flush=True)
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
         if embedded is not None:
             embedded.stop()
         if pg is not None:
             pg.stop()
     return 0
+
+
+def serve_config(
+    config: dict[str, Any],
+    args: argparse.Namespace,
+    bundle_dir: Path,
+    redis_url: str,
+    *,
+    search: bool,
+    grpc_port: int | None,
+) -> dict[str, Any]:
+    """The Serve config with this run's application args: never a PostgreSQL URL (the replicas'
+    environment carries it) nor the token (CloudSettings.as_args). `grpc_port` None: the config's."""
+    from cloud_service import launch
+
+    return launch.with_overrides(
+        config,
+        args={
+            "bundle": str(bundle_dir),
+            "redis_url": redis_url,
+            "max_batch_size": args.max_batch_size,
+            "batch_wait_s": args.batch_wait_s,
+            "search": True if search else None,
+        },
+        grpc_port=grpc_port,
+        http_port=args.http_port,
+    )
 
 
 def start_embedded_pg(data_dir: Path | None):  # -> EmbeddedPostgres

@@ -16,8 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pytest
+import redis
+import yaml
 
 from benchmarks.cloud_client import CloudClient
+from cloud_service import cli, launch
 from cloud_service.grpc_api import pb
 from demo.cloudproc import free_port
 from splitclip.bundle import load_bundle
@@ -75,3 +79,42 @@ def test_splitclip_cloud_serves_until_sigterm(tiny_bundle_dir, tmp_path):
     assert rc == 0, log.read()
     assert not postmaster_running(pg_dir)  # the clean stop stopped the embedded PostgreSQL too
     shutil.rmtree(base, ignore_errors=True)
+
+
+def parsed(*argv: str):
+    p = cli.argparse.ArgumentParser()
+    cli.build_parser(p)
+    return p.parse_args(list(argv))
+
+
+def test_a_bad_config_stops_the_embedded_servers_it_started(tiny_bundle_dir, tmp_path, capsys, monkeypatch):
+    """No Ray here: the Serve config is unusable (no applications), found after the embedded Valkey and
+    PostgreSQL started; both are stopped before the error comes out."""
+    monkeypatch.delenv("SPLITCLIP_REDIS_URL", raising=False)
+    monkeypatch.setenv(
+        "SPLITCLIP_PG_URL", ""
+    )  # empty = unset; run() sets it (for the replicas), undone after
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("proxy_location: EveryNode\n")
+    base = pg_base_dir("splitclip-cli-bad-")
+    pg_dir = base / "pg"
+    try:
+        with pytest.raises(KeyError, match="applications"):
+            cli.run(parsed("--bundle", str(tiny_bundle_dir), "--config", str(bad), "--search",
+                           "--pg-data-dir", str(pg_dir)))  # fmt: skip
+        out = capsys.readouterr().out
+        assert f"embedded PostgreSQL in {pg_dir}" in out and "shutting down" in out
+        assert not postmaster_running(pg_dir)
+        url = re.search(r"embedded Valkey at (\S+)", out).group(1)  # type: ignore[union-attr]
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis.from_url(url, socket_connect_timeout=5).ping()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_pg_url_goes_to_the_replicas_environment_not_into_the_serve_config(tiny_bundle_dir):
+    args = parsed("--bundle", str(tiny_bundle_dir), "--search", "--pg-url", "postgresql://u:sekret@db/x")
+    cfg = cli.serve_config(launch.load_config(None), args, tiny_bundle_dir, "redis://r:6379", search=True,
+                           grpc_port=None)  # fmt: skip
+    text = yaml.safe_dump(cfg)
+    assert cfg["applications"][0]["args"]["search"] is True and "sekret" not in text and "pg_url" not in text
