@@ -100,11 +100,11 @@ def test_one_set_of_row_rules_frames_are_cleaned_uploads_refused(pg: EmbeddedPos
     ):
         assert needle in str(check_row(row, DIM)), row
     frame = pb.Frame(node_id="n0", frame_id=5, captured_at=T0, source=long_source)
-    result = pb.Result(top=[pb.Label(prompt=x) for x in (*many[:-1], "y" * 400)])
+    result = pb.Result(top=[pb.Label(prompt=x) for x in ("y" * 400, "a\x00b", *many)])
     row = frame_row("b-rules", frame, result, g.embedding)
     assert check_row(row, DIM) is None
-    assert row.source == long_source[-INDEX_MAX_TEXT_CHARS:] and row.source.endswith("/gate-7.jpg")
-    assert row.labels == many[:INDEX_MAX_LABELS]
+    assert len(row.source) == INDEX_MAX_TEXT_CHARS and row.source == "…" + long_source[-299:]
+    assert row.labels == ("…" + "y" * 299, "ab", *many[: INDEX_MAX_LABELS - 2])  # the node's rule too
     ix = Indexer(pg.url, "b-rules", DIM, batch_wait_s=0.0)
     try:
         assert ix.offer(row) and ix.wait_idle(60) and ix.stats()["written"] == 1
