@@ -165,9 +165,11 @@ class Journal:
             try:
                 for e in entries:
                     if self._db.execute("DELETE FROM pending WHERE seq = ?", (e.seq,)).rowcount == 1:
-                        self._counts[e.bundle_id] -= 1
+                        self._counts[e.bundle_id] = self._counts.get(e.bundle_id, 0) - 1
                         self._total -= 1
                 self._db.execute("COMMIT")
+                if any(n < 0 for n in self._counts.values()):
+                    self._recount()  # another process wrote the file (unsupported): trust the table
             except BaseException:
                 self._db.execute("ROLLBACK")
                 self._recount()

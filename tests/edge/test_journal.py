@@ -300,3 +300,15 @@ def test_the_upload_log_keeps_only_the_last_batches(tmp_path) -> None:
     assert len(up.stats.log) == LOG_BATCHES  # bounded: one entry per batch forever would grow for months
     assert [n for _, n in up.stats.log] == [1] * LOG_BATCHES
     j.close()
+
+
+def test_the_count_recovers_when_another_process_wrote_the_file(tmp_path) -> None:
+    """One writer per file is the rule (a journal per node id and bundle); a second one sharing a
+    SPLITCLIP_JOURNAL must not leave the upload thread with a broken count."""
+    path = tmp_path / "j.sqlite"
+    a, b = Journal(path), Journal(path)
+    assert b.add(entry(1))  # a did not see it
+    a.ack(a.oldest(5))  # ... but deletes it
+    assert len(a) == 0 and a.pending("b-1") == 0
+    a.close()
+    b.close()
