@@ -153,7 +153,13 @@ class NodeIndex:
         while not self._stop.is_set():
             if self.breaker.allow() and self.pending:
                 failures = self.uploader.stats.failures
-                self.uploader.drain(stop=self._stop)
+                try:
+                    self.uploader.drain(stop=self._stop)
+                except Exception as e:  # e.g. a disk error in the journal: keep the thread, retry later
+                    log.exception("journal upload stopped by an error; retrying")
+                    self._failed(f"{type(e).__name__}: {e}")
+                    self._stop.wait(self.settings.upload_retry_s)
+                    continue
                 if self.uploader.stats.failures > failures:
                     self._failed(self.uploader.stats.last_error)
                     self._stop.wait(self.settings.upload_retry_s)

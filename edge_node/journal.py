@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from splitclip.constants import INDEX_MAX_LABELS, INDEX_MAX_TEXT_CHARS
+from splitclip.storable import storable_labels, storable_text
 
 log = logging.getLogger("splitclip.edge")
 
@@ -61,22 +61,12 @@ class Entry:
     seq: int = 0  # set by the journal
 
 
-def storable_text(text: str) -> str:
-    """`text` as the cloud's store takes it: valid UTF-8 (a lone surrogate from a file name becomes
-    "?"), no NUL, at most INDEX_MAX_TEXT_CHARS characters. A longer text keeps its end behind a "…":
-    the end of a path (the file name) says more than its start."""
-    text = text.encode("utf-8", "replace").decode("utf-8").replace("\0", "")
-    if len(text) > INDEX_MAX_TEXT_CHARS:
-        text = "…" + text[len(text) - INDEX_MAX_TEXT_CHARS + 1 :]
-    return text
-
-
 def storable(e: Entry) -> Entry:
     """`e` with a source and labels the cloud will take (at most INDEX_MAX_LABELS, the best ones, each
     cleaned like the source). The cloud refuses a whole Upload for one bad frame, so an entry that
     would be refused must never enter the journal: it would hold back every entry behind it."""
     source = storable_text(e.source)
-    labels = tuple(storable_text(x) for x in e.labels[:INDEX_MAX_LABELS])
+    labels = storable_labels(e.labels)
     if source == e.source and labels == e.labels:
         return e
     return replace(e, source=source, labels=labels)

@@ -17,9 +17,10 @@ ones before they queue.
 
 Rows are built here for both paths, by the same rules (`check_row`, with the limits of
 splitclip.constants that the node keeps too): `frame_row` for a frame the cloud answered, cleaned
-as the node cleans its journal entries rather than lost when a field is over a limit (a long source
-or label keeps its end behind "…", NUL is removed, labels beyond INDEX_MAX_LABELS are dropped), and `upload_row` for a frame of a node's Upload, refused as it is
-(`RowError`) since the node keeps its journal within those limits.
+by splitclip.storable (the rule the node cleans its journal entries by) rather than lost when a
+field is over a limit (a long source or label keeps its end behind "…", NUL is removed, labels
+beyond INDEX_MAX_LABELS are dropped), and `upload_row` for a frame of a node's Upload, refused as it
+is (`RowError`) since the node keeps its journal within those limits.
 
 `close` writes what is queued for up to its timeout; a write still running then is the writer's to
 finish and count (each row is counted once: written, duplicate, rejected or dropped), and the writer
@@ -52,6 +53,7 @@ from cloud_service.search.settings import SearchSettings, redacted
 from cloud_service.search.store import FRAME_ID_MAX, FrameStore, Row, StoreError
 from splitclip.constants import INDEX_MAX_LABELS, INDEX_MAX_TEXT_CHARS
 from splitclip.errors import SplitclipError
+from splitclip.storable import storable_labels, storable_text
 
 log = logging.getLogger("splitclip.cloud.index")
 
@@ -93,21 +95,12 @@ def check_row(row: Row, dim: int) -> str | None:
     return None
 
 
-def clean_text(text: str) -> str:
-    """`text` as the store takes it, by the node's rule (edge_node/journal.storable_text): no NUL, at
-    most INDEX_MAX_TEXT_CHARS characters, a longer one keeping its end behind a "…" (a path's file
-    name is at its end)."""
-    text = text.replace("\x00", "")
-    if len(text) > INDEX_MAX_TEXT_CHARS:
-        text = "…" + text[len(text) - INDEX_MAX_TEXT_CHARS + 1 :]
-    return text
-
-
 def clean_row(row: Row) -> Row:
     """`row` with a source and labels within the limits: the first INDEX_MAX_LABELS labels (the best),
-    each cleaned like the source (`clean_text`). The node id is left as it is (check_row judges it)."""
-    source = clean_text(row.source)
-    labels = tuple(clean_text(x) for x in row.labels[:INDEX_MAX_LABELS])
+    each cleaned like the source (splitclip.storable, the node's rule too). The node id is left as it
+    is (check_row judges it)."""
+    source = storable_text(row.source)
+    labels = storable_labels(row.labels)
     if labels == row.labels and source == row.source:
         return row
     return dataclasses.replace(row, source=source, labels=labels)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_node.journal import Entry, Journal, JournalError, Refused, Uploader, storable_text
+from edge_node.journal import Entry, Journal, JournalError, Refused, Uploader
 from splitclip.constants import INDEX_MAX_LABELS, INDEX_MAX_TEXT_CHARS
+from splitclip.storable import storable_text
 
 BOOT = 1_764_662_400_000_000  # frame ids start at the clock in µs (edge_node.tickets.frame_ids)
 
