@@ -10,7 +10,9 @@ above it, and an install that lacks a side simply lacks its commands.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -92,6 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(mod.run(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `splitclip search ... | head`: the reader left, nothing is wrong
+        # stdout is gone: point it at devnull so that the interpreter's final flush does not fail too
+        with contextlib.suppress(OSError, ValueError):  # io.UnsupportedOperation is a ValueError
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except SplitclipError as e:  # an expected user error: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

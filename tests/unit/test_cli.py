@@ -139,3 +139,17 @@ def test_a_command_whose_side_is_not_installed_says_so(
     assert main(["ghost", "--bundle", "x"]) == 2
     err = capsys.readouterr().err
     assert "`splitclip ghost` is unavailable here" in err and "unrecognized" not in err
+
+
+def test_a_reader_that_left_is_no_traceback(
+    tiny_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`splitclip search ... | head`: the pipe closes early; exit 141 (as a shell would) and no traceback."""
+    import splitclip.bundle_cli
+
+    def run(args: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(splitclip.bundle_cli, "run", run)
+    assert main(["bundle", "info", str(tiny_bundle_dir)]) == 141
+    assert "Traceback" not in capsys.readouterr().err
