@@ -231,12 +231,13 @@ def test_hnsw_finds_the_same_top1_as_exact_search(pg: EmbeddedPostgres, store: F
 
 
 def test_embedded_server_runs_as_a_non_root_user(pg: EmbeddedPostgres) -> None:
-    with psycopg.connect(pg.url) as conn:
+    with psycopg.connect(pg.url) as conn:  # the backend exits with its connection: look while it is open
         pid, data_dir = conn.execute("SELECT pg_backend_pid(), current_setting('data_directory')").fetchone()
+        user = psutil.Process(pid).username()
     assert Path(data_dir) == pg.data_dir
-    assert psutil.Process(pid).username() != "root"
+    assert user != "root"
     if ROOT:
-        assert psutil.Process(pid).username() == "pgserver"
+        assert user == "pgserver"
 
 
 @pytest.mark.skipif(not ROOT, reason="the check exists for root only")
