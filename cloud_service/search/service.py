@@ -38,7 +38,7 @@ from cloud_service.search.settings import SearchSettings
 from cloud_service.search.store import FrameStore, Hit, Row, StoreError
 from cloud_service.settings import CloudSettings, SettingsError
 from splitclip.bundle import Bundle
-from splitclip.constants import INDEX_MAX_LABELS, INDEX_MAX_TEXT_CHARS, SEARCH_MAX_K, UPLOAD_MAX_FRAMES
+from splitclip.constants import INDEX_MAX_TEXT_CHARS, SEARCH_MAX_K, UPLOAD_MAX_FRAMES
 from splitclip.errors import SplitclipError
 from splitclip.preprocess import PreprocessConfig, to_model_input
 from splitclip.prompts import PromptError
@@ -51,8 +51,6 @@ ImageEmbed = Callable[[NDArray[np.uint8]], Awaitable[Embedding]]  # uint8 [S, S,
 DEFAULT_K = 10
 MAX_NODE_FILTERS = 64  # each node filter is one store query (merged), so they are bounded
 # the shared limits (splitclip.constants) under the names tests/cloud/fuzzkit.py models them by
-MAX_K, MAX_UPLOAD_FRAMES, MAX_LABELS = SEARCH_MAX_K, UPLOAD_MAX_FRAMES, INDEX_MAX_LABELS
-MAX_TEXT_CHARS = INDEX_MAX_TEXT_CHARS  # node ids, sources, labels, label filters
 MAX_IMAGE_PIXELS = 50_000_000  # a decompression bomb is refused before it is decoded
 OFF = "fleet search is off on this cloud (SPLITCLIP_SEARCH=1)"
 

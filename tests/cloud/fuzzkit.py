@@ -25,6 +25,7 @@ from cloud_service.search import service as search
 from cloud_service.search.ingest import TS_MAX, check_row
 from cloud_service.search.store import Row
 from splitclip import codec
+from splitclip.constants import INDEX_MAX_LABELS, INDEX_MAX_TEXT_CHARS, SEARCH_MAX_K, UPLOAD_MAX_FRAMES
 from splitclip.prompts import PromptError, PromptLimits, prompt_set
 from splitclip.runtime import BundleRuntime
 
@@ -190,7 +191,7 @@ class Api:
             return C.INVALID_ARGUMENT
         if len(r.image) > MAX_PAYLOAD:
             return C.RESOURCE_EXHAUSTED
-        if (r.k or 10) > search.MAX_K or len(r.node_ids) > search.MAX_NODE_FILTERS:
+        if (r.k or 10) > SEARCH_MAX_K or len(r.node_ids) > search.MAX_NODE_FILTERS:
             return C.INVALID_ARGUMENT
         if any(not text_ok(n) or not n for n in r.node_ids) or not text_ok(r.label):
             return C.INVALID_ARGUMENT
@@ -212,10 +213,10 @@ class Api:
             return C.INVALID_ARGUMENT
         if r.bundle_id != self.bid:
             return C.FAILED_PRECONDITION
-        if len(r.frames) > search.MAX_UPLOAD_FRAMES:
+        if len(r.frames) > UPLOAD_MAX_FRAMES:
             return C.INVALID_ARGUMENT
         for f in r.frames:
-            if len(f.embedding) != 4 * self.dim or len(f.labels) > search.MAX_LABELS:
+            if len(f.embedding) != 4 * self.dim or len(f.labels) > INDEX_MAX_LABELS:
                 return C.INVALID_ARGUMENT
             if not text_ok(f.source) or not all(text_ok(x) for x in f.labels):
                 return C.INVALID_ARGUMENT
@@ -407,7 +408,7 @@ EXTREMES = [math.nan, math.inf, -math.inf, 3.4e38, -3.4e38, 1e30, 1e-45, -0.0]
 
 def text_ok(value: str) -> bool:
     """A node id, source, label or filter the search store can hold (search.text_value)."""
-    return len(value) <= search.MAX_TEXT_CHARS and "\x00" not in value
+    return len(value) <= INDEX_MAX_TEXT_CHARS and "\x00" not in value
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -487,7 +488,7 @@ def apply_upload_changes(api: Api, changes: list[tuple[str, object]]) -> pb.Uplo
         r.ClearField("frames")
         if value == "too-many":
             good = api.good_requests["Upload"].frames[0]  # type: ignore[attr-defined]
-            r.frames.extend([good] * (search.MAX_UPLOAD_FRAMES + 1))
+            r.frames.extend([good] * (UPLOAD_MAX_FRAMES + 1))
             continue
         for i, (kind, frame_id, ts, source, labels) in enumerate(value):  # type: ignore[attr-defined]
             good = np.frombuffer(api.unit_bytes(i), "<f4")
