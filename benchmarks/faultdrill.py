@@ -253,7 +253,8 @@ class Drill:
     def __enter__(self) -> Drill:
         from benchmarks.link import LinkProxy
         from cloud_service.embedded_redis import EmbeddedRedis
-        from demo.cloudproc import CloudProcess, free_port
+        from demo.cloudproc import CloudProcess
+        from splitclip.procs import free_port
 
         try:
             self.redis = self._stack.enter_context(EmbeddedRedis(port=free_port()))

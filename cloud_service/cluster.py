@@ -42,12 +42,11 @@ from cloud_service.cluster_config import (
     DEFAULT_DIR,
     HEAD_RESOURCE,
     WORKER_RESOURCE,
-    free_port,
     ray_env,
     render_config,
 )
 from cloud_service.launch import DEFAULT_CONFIG
-from splitclip.procs import session_members, signal_session
+from splitclip.procs import free_port, session_members, signal_session
 
 __all__ = ["DEFAULT_DIR", "Cluster", "Node", "down", "render_config", "session_members", "up"]
 
@@ -162,19 +161,25 @@ class Cluster:
         )
 
     def add_worker(self, cpus: float | None = None) -> Node:
-        """One more worker node (`ray start --address`); returns once its raylet registered."""
-        self.workers_started += 1
-        node = self._start_node(
-            f"worker-{self.workers_started}",
-            [
-                f"--address={self.ray_address}",
-                "--node-ip-address=127.0.0.1",
-                f"--resources={json.dumps({WORKER_RESOURCE: 1})}",
-            ],
-            self.worker_cpus if cpus is None else cpus,
-        )
-        _wait(lambda: self.is_alive(node), 120, f"{node.name} did not join; see {node.log}")
-        return node
+        """One more worker node (`ray start --address`); returns once its raylet registered.
+
+        A node that has not joined after 90 s is killed and started once more on fresh ports (one
+        clean CI run saw a worker never register, its cause unseen); the second try waits 120 s."""
+        for attempt in (1, 2):
+            self.workers_started += 1
+            node = self._start_node(
+                f"worker-{self.workers_started}",
+                [
+                    f"--address={self.ray_address}",
+                    "--node-ip-address=127.0.0.1",
+                    f"--resources={json.dumps({WORKER_RESOURCE: 1})}",
+                ],
+                self.worker_cpus if cpus is None else cpus,
+            )
+            if _wait(lambda n=node: self.is_alive(n), 90 if attempt == 1 else 120, None):
+                return node
+            self.kill_node(node.name)
+        raise TimeoutError(f"{node.name} did not join; see {node.log} (and the try before it)")
 
     def kill_node(self, name: str) -> None:
         """Sudden death: SIGKILL to the node's whole session (`ray start`, raylet, its workers, agents)."""

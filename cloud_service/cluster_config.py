@@ -26,14 +26,6 @@ NODE_DEATH_ENV = {
 }
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def cluster_overrides(grpc_port: int, http_port: int) -> dict[str, Any]:
     """with_overrides() keyword arguments that make deploy/serve_config.yaml fit this cluster."""
     on_head = {"resources": {HEAD_RESOURCE: 0.01}}

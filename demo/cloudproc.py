@@ -11,21 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from splitclip.procs import session_members, signal_session
+from splitclip.procs import free_port, session_members, signal_session
 
 READY_MARK = "gRPC on "
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class CloudProcess:

@@ -31,3 +31,34 @@ def signal_session(sid: int, sig: signal.Signals) -> None:
     for pid in session_members(sid):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
+
+
+_issued: set[int] = set()
+
+
+def free_port() -> int:
+    """A TCP port free on every interface now, chosen below the kernel's ephemeral range.
+
+    A port the kernel hands out for `bind(0)` lies in the ephemeral range, where any outgoing
+    connection or another process's `bind(0)` (Ray starts dozens) may take it before our server
+    binds it; a CI run lost a Serve proxy that way. Below that range only explicit binds compete,
+    and the range 20000 up also stays clear of Ray's worker ports (10002-19999)."""
+    import random
+    import socket
+
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = range(20000, max(low, 20001))
+    for _ in range(200):
+        port = random.choice(candidates)
+        if port in _issued:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        _issued.add(port)
+        return port
+    raise OSError(f"no free TCP port in {candidates.start}-{candidates.stop - 1}")

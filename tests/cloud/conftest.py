@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from demo.cloudproc import free_port
+from splitclip.procs import free_port
 
 TOKEN = "test-node-token"
 

@@ -23,8 +23,8 @@ import yaml
 from benchmarks.cloud_client import CloudClient
 from cloud_service import cli, launch
 from cloud_service.grpc_api import pb
-from demo.cloudproc import free_port
 from splitclip.bundle import load_bundle
+from splitclip.procs import free_port
 from tests.conftest import pg_base_dir
 
 ROOT = Path(__file__).resolve().parents[2]

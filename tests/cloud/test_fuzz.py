@@ -64,7 +64,7 @@ def cloud(tiny_bundle_dir: Path, redis_server):
 
     from cloud_service import launch
     from cloud_service.search.embedded_pg import EmbeddedPostgres
-    from demo.cloudproc import free_port
+    from splitclip.procs import free_port
 
     base = pg_base_dir("splitclip-fuzz-pg-")
     pg = EmbeddedPostgres(base / "data").start()

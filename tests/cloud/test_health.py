@@ -21,7 +21,7 @@ import ray
 from cloud_service import health
 from cloud_service.grpc_api import pb, pb_grpc
 from cloud_service.health import HealthCheckRequest, HealthCheckResponse, Readiness, UnknownService
-from demo.cloudproc import free_port
+from splitclip.procs import free_port
 
 
 def check(address: str, service: str = "", method: str = health.CHECK_METHOD) -> HealthCheckResponse:

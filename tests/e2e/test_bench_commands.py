@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from demo.cloudproc import free_port
+from splitclip.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -39,10 +39,10 @@ from benchmarks.cloud_client import CloudClient, FrameMaker
 from benchmarks.link import LinkProxy
 from cloud_service.grpc_api import pb
 from cloud_service.search.embedded_pg import EmbeddedPostgres
-from demo.cloudproc import free_port
 from demo.data import Scene, label_prompts, render_array
 from edge_node import search_cli
 from edge_node.node import EdgeNode
+from splitclip.procs import free_port
 from splitclip.runtime import BundleRuntime
 from tests.conftest import pg_base_dir
 

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edge_node.metrics import MetricsServer, NodeMetrics
 from edge_node.node import EdgeNode
+from splitclip.procs import free_port
 from tests.edge.conftest import PROMPTS
 from tests.edge.refcloud import RefCloud
 
@@ -185,12 +186,6 @@ def test_two_nodes_keep_their_own_counts_and_a_failing_listener_costs_no_frame(
     assert total(sb, "splitclip_edge_frames_total") == 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _watch(bundle: Path, tmp_path: Path, port: int) -> subprocess.Popen[str]:
     env = {**os.environ, "SPLITCLIP_METRICS_HOST": "127.0.0.1"}
     args = ["--prompt", "red", "--prompt", "blue", "--out", str(tmp_path / "out.jsonl"), "--interval", "0.05"]
@@ -202,7 +197,7 @@ def _watch(bundle: Path, tmp_path: Path, port: int) -> subprocess.Popen[str]:
 
 
 def test_edge_watch_serves_metrics_on_its_port(bundle: Path, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = _watch(bundle, tmp_path, port)
     try:
         assert proc.stderr is not None
