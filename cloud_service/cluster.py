@@ -165,7 +165,7 @@ class Cluster:
 
         A node that has not joined after 90 s is killed and started once more on fresh ports (one
         clean CI run saw a worker never register, its cause unseen); the second try waits 120 s."""
-        for attempt in (1, 2):
+        for wait_s in (90, 120):
             self.workers_started += 1
             node = self._start_node(
                 f"worker-{self.workers_started}",
@@ -176,7 +176,7 @@ class Cluster:
                 ],
                 self.worker_cpus if cpus is None else cpus,
             )
-            if _wait(lambda n=node: self.is_alive(n), 90 if attempt == 1 else 120, None):
+            if _wait(lambda n=node: self.is_alive(n), wait_s, None):
                 return node
             self.kill_node(node.name)
         raise TimeoutError(f"{node.name} did not join; see {node.log} (and the try before it)")

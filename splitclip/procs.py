@@ -5,8 +5,11 @@ what holds all of one of them."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import random
 import signal
+import socket
 from pathlib import Path
 
 
@@ -36,6 +39,15 @@ def signal_session(sid: int, sig: signal.Signals) -> None:
 _issued: set[int] = set()
 
 
+@functools.cache
+def _port_range() -> range:
+    """20000 up to the kernel's ephemeral range (read once; 32768 where /proc does not say)."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return range(20000, max(low, 20001))
+
+
 def free_port() -> int:
     """A TCP port free on every interface now, chosen below the kernel's ephemeral range.
 
@@ -43,15 +55,9 @@ def free_port() -> int:
     connection or another process's `bind(0)` (Ray starts dozens) may take it before our server
     binds it; a CI run lost a Serve proxy that way. Below that range only explicit binds compete,
     and the range 20000 up also stays clear of Ray's worker ports (10002-19999)."""
-    import random
-    import socket
-
-    low = 32768
-    with contextlib.suppress(OSError, ValueError):
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    candidates = range(20000, max(low, 20001))
+    ports = _port_range()
     for _ in range(200):
-        port = random.choice(candidates)
+        port = random.choice(ports)
         if port in _issued:
             continue
         with socket.socket() as s:
@@ -61,4 +67,4 @@ def free_port() -> int:
                 continue
         _issued.add(port)
         return port
-    raise OSError(f"no free TCP port in {candidates.start}-{candidates.stop - 1}")
+    raise OSError(f"no free TCP port in {ports.start}-{ports.stop - 1}")
