@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -43,8 +43,9 @@ log = logging.getLogger("splitclip.cloud.ingress")
 
 Embedding = NDArray[np.float32]
 TopK = list[tuple[int, float]]
-# (cuts, decoded tensors at those cuts) -> per frame its embedding [embed_dim] or its exception
-TailFn = Callable[[list[int], list[np.ndarray]], Awaitable[list[Embedding | BaseException]]]
+# (cuts, decoded tensors at those cuts) -> per frame (its embedding [embed_dim], the tail's ORT ms) or
+# its exception
+TailFn = Callable[[list[int], list[np.ndarray]], Awaitable[list[tuple[Embedding, float] | BaseException]]]
 # ([(image_emb [dim], prompt_set_id, n_templates, k)], {prompt_set_id: texts [n * n_tpl, dim]}) -> (probs, top)
 ScoreFn = Callable[
     [list[tuple[Embedding, str, int, int]], dict[str, Embedding]], Awaitable[list[tuple[Embedding, TopK]]]
@@ -56,6 +57,14 @@ class Backends:
     embed_many: TailFn  # VisionTail.embed_many
     encode_text: TextFn  # TextEncoder.encode
     score_many: ScoreFn  # Scorer.score_many
+
+
+@dataclass
+class TailClock:
+    """When a frame's tail call started (its queueing ends there) and the ORT ms it took in the tail."""
+
+    started: list[float] = field(default_factory=list)  # perf_counter, set once the call goes out
+    compute_ms: float = 0.0
 
 
 def is_unit(embedding: Embedding) -> bool:
@@ -137,14 +146,14 @@ class Pipeline:
             frame.payload, cut=frame.cut, spec=self.spec, calibration=self.calibration, limits=self.limits
         )
 
-    async def image_embedding(self, decoded: codec.Decoded, started: list[float] | None = None) -> Embedding:
+    async def image_embedding(self, decoded: codec.Decoded, clock: TailClock | None = None) -> Embedding:
         """The normalised image embedding [embed_dim] of a decoded frame (splitclip.tower's `finish`).
-        `started` gets the perf_counter time its tail call started (the frame's queueing ends there)."""
+        `clock` gets when its tail call started and the tail's ORT time."""
         if decoded.kind == "embedding":  # cut L: finishing is only normalising, no tail call needed
             return unit(decoded.array)
-        return await self.tail_calls.submit(
-            (decoded.cut, decoded.array, started if started is not None else [])
-        )
+        clock = clock if clock is not None else TailClock()
+        emb, clock.compute_ms = await self.tail_calls.submit((decoded.cut, decoded.array, clock.started))
+        return emb
 
     async def text_embeddings(self, r: Resolved) -> Embedding:
         """[n_labels * n_templates, embed_dim]."""
@@ -170,7 +179,7 @@ class Pipeline:
     # -- groups of frames to the tail and the scorer ------------------------------------------
     async def _tail_group(
         self, items: list[tuple[int, np.ndarray, list[float]]]
-    ) -> list[Embedding | BaseException]:
+    ) -> list[tuple[Embedding, float] | BaseException]:
         self.metrics.batch_hist[len(items)] += 1  # frames per tail call (the tail records ORT batches)
         now = time.perf_counter()
         for _, _, started in items:
@@ -198,9 +207,9 @@ class Pipeline:
             t = time.perf_counter()
             return await aw, time.perf_counter() - t
 
-        started: list[float] = []
+        clock = TailClock()
         (img, t_tail), (txt, t_text) = await asyncio.gather(
-            timed(self.image_embedding(decoded, started)), timed(self.text_embeddings(prompts))
+            timed(self.image_embedding(decoded, clock)), timed(self.text_embeddings(prompts))
         )
         if not is_unit(img):  # finite values the model (or the norm) overflows on, a zero embedding at cut L
             raise errors.invalid(
@@ -217,12 +226,14 @@ class Pipeline:
             "score": (t_end - t_sc) * 1e3,
             "total": (t_end - t0) * 1e3,
             # waited for the tail call to start (part of "tail"); 0 at cut L, which needs no tail call
-            "queue": (started[0] - t_dec) * 1e3 if started else 0.0,
+            "queue": (clock.started[0] - t_dec) * 1e3 if clock.started else 0.0,
+            # the tail's ONNX Runtime time (part of "tail"; the rest is the Serve call and batching)
+            "compute": clock.compute_ms,
         }
         for stage, ms in timings.items():
             self.metrics.stage(stage, ms)
         if frame.cut < self.num_blocks:
-            self._load(timings["tail"] - timings["queue"], self.num_blocks - frame.cut, timings["queue"])
+            self._load(timings["compute"], self.num_blocks - frame.cut, timings["queue"])
         result = self.shape_result(frame, prompts, probs, top, timings)
         if frame.index:  # offer() never blocks or raises: the answer does not wait for the store
             if self.indexer is None:
@@ -309,7 +320,8 @@ class Pipeline:
 
     async def query_image(self, pixels: NDArray[np.uint8]) -> Embedding:
         """A search image's embedding [embed_dim]: uint8 [S, S, 3] through the tail at cut 0."""
-        return await self.tail_calls.submit((0, pixels, []))
+        emb, _ = await self.tail_calls.submit((0, pixels, []))
+        return emb
 
     async def encode_text(self, request: pb.TextRequest) -> pb.TextResponse:
         self.check_bundle(request.bundle_id)

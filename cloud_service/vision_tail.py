@@ -29,6 +29,9 @@ from splitclip.tower import Tower
 
 log = logging.getLogger("splitclip.cloud.tail")
 _NOT_RUN = RuntimeError("frame was not run")
+# one frame's normalised embedding [embed_dim] and the ORT ms of the run that computed it (its shape
+# group's): the nodes' planners learn the cloud's speed from this, apart from the Serve call's fixed cost
+Tailed = tuple[NDArray[np.float32], float]
 
 
 class TailCore:
@@ -51,22 +54,26 @@ class TailCore:
         """One shape group (the tensors at `cut`, stacked) -> normalised embeddings [batch, embed_dim]."""
         return self.tower.finish(stacked, cut)
 
-    def run(self, cuts: list[int], arrays: list[np.ndarray]) -> list[NDArray[np.float32] | Exception]:
-        """Per frame its embedding [embed_dim], or the exception that frame alone raised."""
+    def run(self, cuts: list[int], arrays: list[np.ndarray]) -> list[Tailed | Exception]:
+        """Per frame (its embedding [embed_dim], ORT ms), or the exception that frame alone raised."""
         groups: dict[tuple[int, tuple[int, ...]], list[int]] = defaultdict(list)
         for i, (cut, a) in enumerate(zip(cuts, arrays, strict=True)):
             groups[(cut, a.shape)].append(i)
-        out: list[NDArray[np.float32] | Exception] = [_NOT_RUN] * len(arrays)
+        out: list[Tailed | Exception] = [_NOT_RUN] * len(arrays)
         for (cut, _), idx in groups.items():
             try:
+                t0 = time.perf_counter()
                 emb = self.run_group(cut, np.stack([arrays[i] for i in idx]))  # [group, embed_dim]
+                ms = (time.perf_counter() - t0) * 1e3
                 for row, i in enumerate(idx):
-                    out[i] = emb[row]
+                    out[i] = (emb[row], ms)
             except Exception:
                 # One bad frame must not fail its batch-mates: retry the group frame by frame.
                 for i in idx:
                     try:
-                        out[i] = self.run_group(cut, arrays[i][None])[0]
+                        t0 = time.perf_counter()
+                        one = self.run_group(cut, arrays[i][None])[0]
+                        out[i] = (one, (time.perf_counter() - t0) * 1e3)
                     except Exception as e:
                         log.warning("tail failed on a frame at cut %d: %s", cut, e)
                         out[i] = e
@@ -84,7 +91,7 @@ class VisionTail:
         self.metrics = Metrics()
         self.core = TailCore(s.bundle, s.tail_threads, providers=s.ort_providers)
         # One ORT run at a time, on everything that queued up meanwhile (at most max_batch_size).
-        self.runs: Coalescer[tuple[int, np.ndarray], NDArray[np.float32]] = Coalescer(
+        self.runs: Coalescer[tuple[int, np.ndarray], Tailed] = Coalescer(
             self._run_ort, s.max_batch_size, concurrency=1
         )
         self._configure(s.max_batch_size, s.batch_wait_s)
@@ -108,22 +115,18 @@ class VisionTail:
         result = await self.embed_batch(cut, x)
         if isinstance(result, BaseException):
             raise result
-        return result
+        return result[0]
 
-    async def embed_many(
-        self, cuts: list[int], xs: list[np.ndarray]
-    ) -> list[NDArray[np.float32] | BaseException]:
+    async def embed_many(self, cuts: list[int], xs: list[np.ndarray]) -> list[Tailed | BaseException]:
         """Several frames in one call (the ingress groups its frames to save per-call overhead); they
         join the same batch queue as everything else. Failed frames come back as their exception."""
         return await asyncio.gather(*(self.embed_batch(c, x) for c, x in zip(cuts, xs, strict=True)))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
-    async def embed_batch(
-        self, cuts: list[int], xs: list[np.ndarray]
-    ) -> list[NDArray[np.float32] | BaseException]:
+    async def embed_batch(self, cuts: list[int], xs: list[np.ndarray]) -> list[Tailed | BaseException]:
         return await self.runs.submit_many(list(zip(cuts, xs, strict=True)))
 
-    async def _run_ort(self, items: list[tuple[int, np.ndarray]]) -> list[NDArray[np.float32] | Exception]:
+    async def _run_ort(self, items: list[tuple[int, np.ndarray]]) -> list[Tailed | Exception]:
         self.metrics.batch(len(items))
         t0 = time.perf_counter()
         cuts = [c for c, _ in items]

@@ -197,8 +197,9 @@ class LinkEstimate:
 
 
 class CloudEstimate:
-    """The cloud's server time for a frame: overhead (decode, queue, text, score) + speed * tail compute,
-    where tail compute is what stages[k:L] + head take on this device (speed 1 = as fast as here).
+    """The cloud's server time for a frame: overhead (decode, queue, the tail call's fixed cost, text,
+    score) + speed * tail compute, where tail compute is what stages[k:L] + head take on this device
+    (speed 1 = as fast as here) and the cloud's share of it is its reported ORT time ("compute").
     The speed comes from answered frames that ran at least about a block in the cloud, and from the
     cloud's own report in Hello (its tail ms per block), which is all there is while the node's plan
     leaves the cloud nothing to compute (cut L)."""
@@ -219,7 +220,12 @@ class CloudEstimate:
         total = float(timings.get("total", 0.0))
         if total <= 0:
             return
-        tail = max(0.0, float(timings.get("tail", 0.0)) - float(timings.get("queue", 0.0)))
+        # the tail's own ORT time when the cloud says it (else the tail call less its queueing, which
+        # also holds the Serve call's fixed cost: read as speed, that makes a one-block tail look slow)
+        if "compute" in timings:
+            tail = max(0.0, float(timings["compute"]))
+        else:
+            tail = max(0.0, float(timings.get("tail", 0.0)) - float(timings.get("queue", 0.0)))
         a = 1.0 if self.seen == 0 else self.alpha  # the first answer replaces the prior
         if cloud_compute_ms > max(0.05, 0.5 * block_ms) and tail > 0:
             self._learn_speed(tail / cloud_compute_ms, first=self.tails_seen == 0)

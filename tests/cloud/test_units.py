@@ -108,12 +108,16 @@ def test_tail_groups_by_cut_and_tokens_and_isolates_a_bad_frame(tiny_bundle_dir)
     pruned = h1[0, :9]  # fewer tokens: its own group
     bad = np.zeros((h1.shape[1], h1.shape[2] + 1), np.float32)  # wrong width: ORT refuses it
     out = core.run([1, 2, 1, 1, 1, 1], [h1[0], h2[1], h1[2], pruned, bad, h1[1]])
-    np.testing.assert_allclose(out[0], want[0], atol=1e-5)
-    np.testing.assert_allclose(out[1], want[1], atol=1e-5)
-    np.testing.assert_allclose(out[2], want[2], atol=1e-5)
-    np.testing.assert_allclose(out[5], want[1], atol=1e-5)
-    assert out[3].shape == want[0].shape
     assert isinstance(out[4], Exception)
+    emb = {i: o[0] for i, o in enumerate(out) if not isinstance(o, Exception)}
+    np.testing.assert_allclose(emb[0], want[0], atol=1e-5)
+    np.testing.assert_allclose(emb[1], want[1], atol=1e-5)
+    np.testing.assert_allclose(emb[2], want[2], atol=1e-5)
+    np.testing.assert_allclose(emb[5], want[1], atol=1e-5)
+    assert emb[3].shape == want[0].shape
+    # each frame carries its shape group's ORT time: the three full frames at cut 1 share one run
+    ms = {i: o[1] for i, o in enumerate(out) if not isinstance(o, Exception)}
+    assert all(v > 0 for v in ms.values()) and ms[0] == ms[2] == ms[5]
 
 
 # -- Redis degradation (real Valkey) -----------------------------------------------------------

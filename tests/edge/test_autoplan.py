@@ -250,6 +250,24 @@ def test_the_cloud_speed_learnt_at_one_cut_predicts_the_others() -> None:
     assert cloud.predict(cut9) == pytest.approx(6.0 + 0.1 * cut9.cloud_compute_ms)
 
 
+def test_the_tail_calls_fixed_cost_is_not_read_as_the_clouds_speed() -> None:
+    """A frame with one block in the cloud: its tail call is mostly the Serve call's fixed cost (8 ms
+    here). With the tail's own ORT time ("compute") the planner learns the true speed (0.3) and counts
+    the fixed cost as overhead; from the call time alone it would read the cloud as far slower."""
+    plans = candidates(edge_profile(), table(), Policy())
+    L = max(c.cut or 0 for c in plans)
+    one = next(c for c in plans if c.cut == L - 1)
+    low = next(c for c in plans if c.cut == 1)
+    compute = 0.3 * one.cloud_compute_ms
+    timings = {"tail": 8.0 + compute, "queue": 0.0, "compute": compute, "total": 10.0 + compute}
+    with_compute, call_only = CloudEstimate(), CloudEstimate()
+    with_compute.observe(one.cloud_compute_ms, timings)
+    call_only.observe(one.cloud_compute_ms, {k: v for k, v in timings.items() if k != "compute"})
+    assert with_compute.speed == pytest.approx(0.3) and with_compute.overhead_ms == pytest.approx(10.0)
+    assert with_compute.predict(low) == pytest.approx(10.0 + 0.3 * low.cloud_compute_ms)
+    assert call_only.speed > 0.3 + 8.0 / one.cloud_compute_ms * 0.9
+
+
 def test_a_refused_cut_is_never_chosen_again() -> None:
     planner = planner_for(edge_profile())
     run(planner, World(100.0), 20)
