@@ -76,7 +76,7 @@ class Policy:
     explore_every: int = 50  # frames answered locally before one goes remote (then doubling) ...
     explore_max: int = 800  # ... up to this
     thin_bytes: float = 2500  # a plan's frames under this show little of the bandwidth: ...
-    explore_thin_every: int = 20  # ... one frame in this many (then doubling) goes with a larger plan
+    explore_thin_every: int = 10  # ... one frame in this many (then doubling) goes with a larger plan
 
 
 def candidates(

@@ -107,15 +107,32 @@ def median_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
 
 
 def stage_times(rt: BundleRuntime, image: ImageLike, repeats: int, edge: str = "fp32") -> tuple[float, ...]:
-    """Median ms of embed, each block and the head at batch 1, with the `edge` ("fp32" / "int8") stages."""
+    """Ms of embed, each block and the head at batch 1, with the `edge` ("fp32" / "int8") stages.
+
+    Timed as the node runs them, in whole passes through the tower: the median over passes of the
+    time from the pass's start to the end of each stage, differenced. Timing each stage alone misleads
+    under a CPU quota (a cgroup, a phone's governor): a stage shorter than the quota runs at full speed
+    and the throttling falls between the timed calls, so on a ViT-B/32 at 0.25 CPU the int8 tower
+    profiled as 45 ms in stages and took 110 ms in one go."""
     cfg = rt.preprocess_config
     pixels = normalize(to_model_input(image, cfg)[None], cfg)  # [1, 3, H, W]
-    hidden = rt.embed(pixels)  # [1, tokens, width]
-    stage = [median_ms(lambda: rt.embed(pixels, edge), repeats)]
-    for i in range(rt.num_blocks):
-        stage.append(median_ms(lambda i=i: rt.run_blocks(hidden, i, i + 1, edge), repeats))
-    stage.append(median_ms(lambda: rt.head(hidden, edge), repeats))
-    return tuple(stage)
+    L = rt.num_blocks
+
+    def one_pass() -> list[float]:
+        t0 = time.perf_counter()
+        hidden = rt.embed(pixels, edge)  # [1, tokens, width]
+        ends = [time.perf_counter()]
+        for i in range(L):
+            hidden = rt.run_blocks(hidden, i, i + 1, edge)
+            ends.append(time.perf_counter())
+        rt.head(hidden, edge)  # [1, embed_dim]
+        ends.append(time.perf_counter())
+        return [(t - t0) * 1e3 for t in ends]
+
+    one_pass()  # warm-up (first ORT run allocates)
+    passes = [one_pass() for _ in range(max(1, repeats))]
+    cumulative = [statistics.median(p[j] for p in passes) for j in range(L + 2)]
+    return tuple(max(0.0, c - prev) for prev, c in zip([0.0, *cumulative], cumulative, strict=False))
 
 
 def profile_stages(rt: BundleRuntime, image: ImageLike, repeats: int = 20) -> StageProfile:

@@ -31,7 +31,7 @@ from splitclip.runtime import BundleRuntime
 
 log = logging.getLogger("splitclip.edge")
 
-VERSION = 1  # of the cache file's layout
+VERSION = 2  # of the cache file's layout and method (2: stages timed in whole passes)
 
 
 @dataclass(frozen=True)
