@@ -86,12 +86,17 @@ def build_parser(p: argparse.ArgumentParser) -> None:
 
 # -- plans ---------------------------------------------------------------------------------------
 def fixed_plans(table: Any, num_blocks: int, floor: float) -> list[str]:
-    """local, then every (cut, preset) of the table at or above the floor (fp32 edge), by cut and bytes."""
+    """local, then every (cut, preset) of the table at or above the floor, by cut and bytes: fp32 edge
+    stages first, then the int8 ones where the bundle has them (`cut<k>/int8/<preset>`, the planner's
+    label), so the planner is never compared only with plans slower than its own choices."""
     rows = sorted(
-        (r for r in table.allowed(floor) if r.edge == "fp32" and 0 <= r.cut <= num_blocks),
-        key=lambda r: (r.cut, r.bytes, r.preset),
+        (r for r in table.allowed(floor) if 0 <= r.cut <= num_blocks),
+        key=lambda r: (r.edge != "fp32", r.cut, r.bytes, r.preset),
     )
-    return ["local", *(f"cut{r.cut}/{r.preset}" for r in rows)]
+    return [
+        "local",
+        *(f"cut{r.cut}/{r.preset}" if r.edge == "fp32" else f"cut{r.cut}/{r.edge}/{r.preset}" for r in rows),
+    ]
 
 
 def cut_of(plan: str) -> int | None:

@@ -26,9 +26,11 @@ from typing import Any
 EDGE_KEYS = ("preprocess", "edge_stages", "encode")
 
 
-def parse_plan(plan: str) -> tuple[int, str]:
-    cut, _, preset = plan.partition("/")
-    return int(cut.removeprefix("cut")), preset
+def parse_plan(plan: str) -> tuple[int, str, str]:
+    """`cut<k>/<preset>` (fp32 edge stages) or `cut<k>/int8/<preset>` -> (k, preset, edge)."""
+    cut, _, rest = plan.partition("/")
+    edge, _, preset = rest.partition("/") if rest.startswith("int8/") else ("fp32", "", rest)
+    return int(cut.removeprefix("cut")), preset, edge
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 if shared is None:  # "auto" loads the calibration every preset may need
                     shared = EdgeNode(bundle, cloud=a.cloud, cut="auto")
                     shared.prompt_embeddings(labels)
-                k, preset = (None, "") if plan == "local" else parse_plan(plan)
-                fixed[plan] = NodePlans(fixed=Candidate(k, preset, 0.0, 0.0, 0.0, 0.0))
+                k, preset, edge = (None, "", "fp32") if plan == "local" else parse_plan(plan)
+                fixed[plan] = NodePlans(fixed=Candidate(k, preset, 0.0, 0.0, 0.0, 0.0, edge=edge))
                 node = shared
             nodes[plan] = node
             say({"op": "opened", "plan": plan, "s": time.perf_counter() - t1})

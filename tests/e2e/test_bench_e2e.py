@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.e2e import fixed_plans, step_change
+from benchmarks.e2e_edge import parse_plan
 from splitclip.bundle import load_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +32,12 @@ def test_fixed_plans_respect_the_floor(demo_bundle_dir: Path) -> None:
         row = table.get(int(cut), preset)
         assert row is not None and row.agreement >= 0.99, p
     assert set(PLANS) <= set(plans)
+
+
+def test_fixed_plan_labels_name_the_edge_stages() -> None:
+    assert parse_plan("cut2/klt-q20-ans") == (2, "klt-q20-ans", "fp32")
+    assert parse_plan("cut1/int8/int8-zstd") == (1, "int8-zstd", "int8")  # the planner's label
+    assert parse_plan("cut3/int8") == (3, "int8", "fp32")  # the int8 codec preset, fp32 stages
 
 
 def test_step_change_counts_frames_to_the_new_plan() -> None:
