@@ -40,6 +40,9 @@ HELP = "end to end: every fixed plan and the planner, real cloud, emulated link,
 ROOT = Path(__file__).resolve().parent.parent
 DESCRIPTION = __doc__.split("\n", 2)[2] if __doc__ else ""
 WITHIN = 0.05  # the acceptance target: planner median within 5 % of the best fixed plan's
+# The A/A control: `local` again, on a node of its own (as the planner has), measured like every plan.
+# control / local is what two runs of one code path differ by here: the bench's own noise floor.
+CONTROL = "local*"
 
 
 def build_parser(p: argparse.ArgumentParser) -> None:
@@ -100,7 +103,7 @@ def fixed_plans(table: Any, num_blocks: int, floor: float) -> list[str]:
 
 
 def cut_of(plan: str) -> int | None:
-    return None if plan in ("local", "auto") else int(plan.split("/")[0].removeprefix("cut"))
+    return None if plan in ("local", "auto", CONTROL) else int(plan.split("/")[0].removeprefix("cut"))
 
 
 # -- the edge worker -----------------------------------------------------------------------------
@@ -170,6 +173,15 @@ def pct(xs: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (i - lo)
 
 
+def ratio_ci(a: Sequence[float], b: Sequence[float], n: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95 % bootstrap interval of median(a) / median(b): how far the ratio of two plans' medians can
+    move on frames like these (resampling each plan's frames with replacement)."""
+    rng = random.Random(seed)
+    med = statistics.median
+    rs = sorted(med(rng.choices(a, k=len(a))) / med(rng.choices(b, k=len(b))) for _ in range(n))
+    return rs[int(0.025 * n)], rs[int(0.975 * n) - 1]
+
+
 def summarise(frames: list[dict[str, Any]]) -> dict[str, Any]:
     med = statistics.median
     lat = [f["latency_ms"] for f in frames]
@@ -192,18 +204,23 @@ def summarise(frames: list[dict[str, Any]]) -> dict[str, Any]:
 def analyse(setting_frames: list[dict[str, Any]], plans: list[str]) -> dict[str, Any]:
     """The rows of one link setting (pooled over runs) and the computed findings."""
     rows = []
-    for plan in [*plans, "auto"]:
+    for plan in [*plans, CONTROL, "auto"]:
         fs = [f for f in setting_frames if f["requested"] == plan and f["measured"]]
         if fs:
             rows.append({"plan": plan, **summarise(fs)})
-    fixed = [r for r in rows if r["plan"] != "auto"]
+    fixed = [r for r in rows if r["plan"] not in ("auto", CONTROL)]
     best = min(fixed, key=lambda r: r["median_ms"])
     best["best"] = True
     auto = next((r for r in rows if r["plan"] == "auto"), None)
     out: dict[str, Any] = {"rows": rows, "best": best["plan"], "best_ms": best["median_ms"]}
+
+    def lat(plan: str) -> list[float]:
+        return [f["latency_ms"] for f in setting_frames if f["requested"] == plan and f["measured"]]
+
     if auto is not None:
         out["auto_ms"] = auto["median_ms"]
         out["ratio"] = auto["median_ms"] / best["median_ms"]
+        out["ratio_ci"] = ratio_ci(lat("auto"), lat(best["plan"]))
         out["within"] = out["ratio"] <= 1 + WITHIN
         runs = sorted({f["run"] for f in setting_frames})
         per_run = []
@@ -213,10 +230,16 @@ def analyse(setting_frames: list[dict[str, Any]], plans: list[str]) -> dict[str,
                 p: statistics.median(f["latency_ms"] for f in rf if f["requested"] == p)
                 for p in {f["requested"] for f in rf}
             }
-            fixed_meds = {p: m for p, m in meds.items() if p != "auto"}
+            fixed_meds = {p: m for p, m in meds.items() if p not in ("auto", CONTROL)}
             bp = min(fixed_meds, key=lambda p: fixed_meds[p])
-            per_run.append({"run": run, "best": bp, "ratio": meds["auto"] / fixed_meds[bp]})
+            aa = meds[CONTROL] / meds["local"] if CONTROL in meds and "local" in meds else None
+            per_run.append({"run": run, "best": bp, "ratio": meds["auto"] / fixed_meds[bp], "aa": aa})
         out["per_run"] = per_run
+    control = next((r for r in rows if r["plan"] == CONTROL), None)
+    local_row = next((r for r in fixed if r["plan"] == "local"), None)
+    if control is not None and local_row is not None:
+        out["aa"] = control["median_ms"] / local_row["median_ms"]
+        out["aa_ci"] = ratio_ci(lat(CONTROL), lat("local"))
     L_rows = {r["plan"]: r for r in fixed}
     local = L_rows.get("local")
     up = [r for r in fixed if cut_of(r["plan"]) == 0]
@@ -295,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
                 ]  # fmt: skip
                 edge = Edge(limit.wrap(cmd), env, work / "edge.log")
                 print(f"edge worker up ({edge.ready['images']} images, reference answers)", flush=True)
-                for plan in plans:
+                for plan in [*plans, CONTROL]:
                     edge.ask(op="open", plan=plan)
                 n_rounds = max(args.warmup, args.auto_warmup) + args.frames
                 for run_i in range(args.runs):
@@ -304,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
                         proxy.set(mbps_up=mbps)
                         opened = edge.ask(op="open", plan="auto")  # a fresh planner per setting
                         for r in range(n_rounds):
-                            order = [*plans, "auto"]
+                            order = [*plans, CONTROL, "auto"]
                             rng.shuffle(order)
                             for plan in order:
                                 warm = args.auto_warmup if plan == "auto" else args.warmup
@@ -439,7 +462,9 @@ def report(
         f"`{cmd}`",
         "",
         f"- bundle `{m.bundle_id}` ({m.num_blocks} blocks, image {m.vision.image_size} px), "
-        f"{len(plans)} fixed plans at or above the {args.floor:.0%} agreement floor + `auto` (the planner)",
+        f"{len(plans)} fixed plans at or above the {args.floor:.0%} agreement floor + `auto` (the planner) "
+        f"+ `{CONTROL}` (the A/A control: `local` again, on a node of its own like the planner's; "
+        f"`{CONTROL}` / `local` is how far two runs of one code path differ here)",
         f"- edge device: {device}; one ONNX Runtime thread; its own profile cache, measured under the quota"
         + (
             f"; throttled in {throttle.get('nr_throttled', 0)} of {throttle.get('nr_periods', 0)} periods"
@@ -467,13 +492,21 @@ def report(
         "",
         "## Summary",
         "",
-        "| link | best fixed plan | its median | planner median | planner / best (per run) | within 5 % | "
-        "planner's plans | fastest split 0<k<L | local | fastest image upload | split beats both |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| link | best fixed plan | its median | planner median | planner / best (per run) [95 % CI] | "
+        f"within 5 % | A/A `{CONTROL}` / `local` (per run) [95 % CI] | planner's plans | "
+        "fastest split 0<k<L | local | fastest image upload | split beats both |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in settings:
         auto = next(r for r in s["rows"] if r["plan"] == "auto")
         per = ", ".join(f"{p['ratio']:.2f}" for p in s.get("per_run", []))
+        aa_runs = ", ".join(f"{p['aa']:.2f}" for p in s.get("per_run", []) if p.get("aa") is not None)
+        aa = (
+            f"{s['aa']:.2f} ({aa_runs}) [{s['aa_ci'][0]:.2f}–{s['aa_ci'][1]:.2f}]"
+            if s.get("aa") is not None
+            else "–"
+        )
+        ci = f" [{s['ratio_ci'][0]:.2f}–{s['ratio_ci'][1]:.2f}]" if "ratio_ci" in s else ""
         inner, upl = s["inner"], s["upload"]
         beats = (
             inner is not None
@@ -484,7 +517,7 @@ def report(
         used = ", ".join(f"{p} {n}" for p, n in auto["used"])
         L.append(
             f"| {s['mbps']:g} Mbit/s | `{s['best']}` | {s['best_ms']:.1f} ms | {s['auto_ms']:.1f} ms | "
-            f"{s['ratio']:.2f} ({per}) | {'yes' if s['within'] else '**no**'} | {used} | "
+            f"{s['ratio']:.2f} ({per}){ci} | {'yes' if s['within'] else '**no**'} | {aa} | {used} | "
             + (f"`{inner['plan']}` {inner['median_ms']:.1f} ms" if inner else "–")
             + f" | {_ms(s['local_ms'])} ms | "
             + (f"`{upl['plan']}` {upl['median_ms']:.1f} ms" if upl else "–")
@@ -500,6 +533,19 @@ def report(
             )
             + ".**"
         )
+        noise = [s for s in misses if "ratio_ci" in s and s["ratio_ci"][0] <= 1.0]
+        if noise:
+            L.append(
+                "At "
+                + ", ".join(
+                    f"{s['mbps']:g} Mbit/s (95 % CI {s['ratio_ci'][0]:.2f}–{s['ratio_ci'][1]:.2f}"
+                    + (f"; A/A {s['aa_ci'][0]:.2f}–{s['aa_ci'][1]:.2f}" if "aa_ci" in s else "")
+                    + ")"
+                    for s in noise
+                )
+                + " the bootstrap interval of that ratio includes 1: on these frames the miss is not "
+                "told apart from the bench's noise."
+            )
     else:
         L.append(
             "The planner's median is within 5 % of the best fixed plan's at every link setting (pooled runs)."
@@ -570,7 +616,9 @@ def report(
             note = "**best fixed**" if r.get("best") else ""
             if r["plan"] == "auto":
                 note = "**planner**: " + ", ".join(f"{p} {n}" for p, n in r["used"])
-            if r["reasons"] and r["plan"] != "local" and r["plan"] != "auto":
+            if r["plan"] == CONTROL:
+                note = "A/A control (`local`, its own node)"
+            elif r["reasons"] and r["plan"] not in ("local", "auto"):
                 note += " local: " + ", ".join(f"{p} {n}" for p, n in r["reasons"])
             L.append(
                 f"| `{r['plan']}` | {r['median_ms']:.1f} | {r['p95_ms']:.1f} | {r['edge_ms']:.1f} | "

@@ -4,7 +4,8 @@ Run by benchmarks/e2e.py (under a CPU quota, benchmarks/weak_device.py) as
 `python -m benchmarks.e2e_edge --bundle B --cloud ADDR --images DIR --labels FILE`. It reads one JSON
 command per line on stdin and answers one JSON line on stdout (logs go to stderr):
 
-    {"op": "open", "plan": "local" | "auto" | "cut<k>/<preset>"}   that plan (auto: a fresh node of its own)
+    {"op": "open", "plan": "local" | "auto" | "local*" | "cut<k>/<preset>"}   that plan (auto: a fresh
+                                                    node of its own; local*: local, on its own node)
     {"op": "frame", "plan": P, "image": i}                          one frame of image i on that node
     {"op": "quit"}
 
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             if plan == "auto":
                 node = EdgeNode(bundle, cloud=a.cloud, cut="auto")
                 node.prompt_embeddings(labels)  # warmed once, as a node does on first use
+            elif plan == "local*":  # the A/A control: full local inference on a node of its own
+                node = EdgeNode(bundle)
+                node.prompt_embeddings(labels)
             else:
                 if shared is None:  # "auto" loads the calibration every preset may need
                     shared = EdgeNode(bundle, cloud=a.cloud, cut="auto")
