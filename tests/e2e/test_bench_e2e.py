@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.e2e import fixed_plans, step_change
+from benchmarks.e2e import CONTROL, fixed_plans, step_change
 from benchmarks.e2e_edge import parse_plan
 from splitclip.bundle import load_bundle
 
@@ -64,13 +64,16 @@ def test_short_e2e_planner_among_the_fastest(demo_bundle_dir: Path, tmp_path: Pa
     res = json.loads(out_json.read_text())
     (setting,) = res["settings"]
     rows = {r["plan"]: r for r in setting["rows"]}
-    assert set(rows) == {*PLANS, "auto"}
+    assert set(rows) == {*PLANS, CONTROL, "auto"}
     for name, r in rows.items():
         assert r["n"] == 6, (name, r["n"])
         assert r["agreement"] >= 0.8, (name, r["agreement"])  # >= 99 % plans, 6 frames
     for name in PLANS[1:]:
         assert rows[name]["split"] == 6, (name, rows[name]["reasons"])  # every fixed remote frame split
-    fixed = sorted((r for n, r in rows.items() if n != "auto"), key=lambda r: r["median_ms"])
+    assert rows[CONTROL]["split"] == 0  # the A/A control answers locally, on a node of its own
+    lo, hi = setting["aa_ci"]
+    assert lo <= setting["aa"] <= hi and setting["ratio_ci"][0] <= setting["ratio"] <= setting["ratio_ci"][1]
+    fixed = sorted((r for n, r in rows.items() if n not in ("auto", CONTROL)), key=lambda r: r["median_ms"])
     best = fixed[0]["median_ms"]
     used = rows["auto"]["used"][0][0]
     top2 = {r["plan"] for r in fixed[:2]}
