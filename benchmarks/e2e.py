@@ -450,9 +450,10 @@ def report(
         f"{args.rtt_ms:g} --images {args.images} --frames {args.frames} --runs {args.runs} --edge-cpu "
         f"{args.edge_cpu:g}"
         + (f" --plans {args.plans}" if args.plans else "")
+        + (f" --timeline-frames {args.timeline_frames}" if args.timeline_frames != 30 else "")
         + (f" --noise {args.noise:g}" if args.noise else "")
         + (f" --floor {args.floor:g}" if args.floor != 0.99 else "")
-        + (f" --timeline {args.timeline}" if args.timeline != "100,1,20" else "")
+        + (f" --timeline {args.timeline or chr(39) * 2}" if args.timeline != "100,1,20" else "")
         + (f" --out {args.out}" if args.out else "")
         + (f" --plots {args.plots}" if args.plots else "")
     )
