@@ -19,7 +19,8 @@ been predicted better than the current one by `margin` for `patience` frames in 
 answers locally nothing is learnt, so the first frame and then one every `explore_every` frames
 (doubling while local stays best) go with the best remote plan: real frames, answered by the cloud.
 Likewise a plan whose frames are too small to show the bandwidth (the embedding at cut L) sends one
-frame of the best plan with 8x larger frames every `explore_thin_every` frames (doubling).
+frame of the best plan with 8x larger frames every `explore_thin_every` frames (doubling up to
+`explore_thin_max`: on such a plan a faster link is invisible between those frames).
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ class Policy:
     explore_every: int = 50  # frames answered locally before one goes remote (then doubling) ...
     explore_max: int = 800  # ... up to this
     thin_bytes: float = 2500  # a plan's frames under this show little of the bandwidth: ...
-    explore_thin_every: int = 10  # ... one frame in this many (then doubling) goes with a larger plan
+    explore_thin_every: int = 10  # ... one frame in this many (then doubling) goes with a larger plan ...
+    explore_thin_max: int = 20  # ... up to this: a faster link is seen at most this many frames late
 
 
 def candidates(
@@ -334,7 +336,7 @@ class AutoPlanner:
                 big = self._first(lambda c: c.payload_bytes >= 8 * max(self.current.payload_bytes, 512))
                 if big is not None:
                     self._thin_frames = 0
-                    self._thin_every = min(2 * self._thin_every, self.policy.explore_max)
+                    self._thin_every = min(2 * self._thin_every, self.policy.explore_thin_max)
                     return big
         return self.current
 
