@@ -149,7 +149,9 @@ def failover(bundle: Path) -> dict[str, float]:
     img = np.zeros((224, 224, 3), np.uint8)
     with CloudProcess(bundle) as cloud:
         cloud.start()
-        with EdgeNode(bundle, cloud=cloud.address, probe_interval_s=0.25, probe_max_s=1.0) as node:
+        with EdgeNode(
+            bundle, cloud=cloud.address, codec="int8-zstd", probe_interval_s=0.25, probe_max_s=1.0
+        ) as node:
             stop = threading.Event()
             first_local: list[float] = []
 

@@ -50,7 +50,9 @@ def run_demo(bundle: Path, samples: Path = SAMPLES) -> int:
         took = cloud.start()
         sids.append(cloud.pid)
         print(f"cloud up in {took:.1f} s")
-        with EdgeNode(bundle, cloud=cloud.address, probe_interval_s=0.25, probe_max_s=1.0) as node:
+        with EdgeNode(
+            bundle, cloud=cloud.address, codec="int8-zstd", probe_interval_s=0.25, probe_max_s=1.0
+        ) as node:
             _heading(
                 f"split mode: edge runs stages 0..{node.cut}, codec {node.preset.name}, the cloud the rest"
             )

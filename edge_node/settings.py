@@ -13,10 +13,10 @@ SPLITCLIP_TLS_CA_OPTIONAL     true: that file may be absent (an optional mounted
                               trusting the system's CAs, and one warning (default false: an error)
 SPLITCLIP_TLS_SERVER_NAME     override the TLS target name (tests, IP addresses)
 SPLITCLIP_CUT                 a fixed cut k in 0..L (with SPLITCLIP_CODEC), or `auto`: with a cloud the online
-                              planner picks the plan per frame (edge_node/autoplan.py). Unset: L // 2 for the
-                              Python API; `splitclip edge classify` with a cloud uses auto
+                              planner picks the plan per frame (edge_node/autoplan.py). Unset: auto, unless a
+                              codec is given (SPLITCLIP_CODEC or codec=), which fixes cut L // 2 with it
 SPLITCLIP_ALLOW_IMAGE_UPLOAD  0: never send pixels to the cloud (a node with cut 0 and a cloud refuses to start)
-SPLITCLIP_CODEC               codec preset of a fixed cut (default: int8-zstd; auto ignores it)
+SPLITCLIP_CODEC               codec preset of a fixed cut (default int8-zstd; setting it fixes the plan)
 SPLITCLIP_MIN_AGREEMENT       auto: only plans with measured top-1 agreement >= this (default 0.99)
 SPLITCLIP_OBJECTIVE           auto: `latency` (default) or `bytes` (fewest bytes within LATENCY_BUDGET_MS)
 SPLITCLIP_LATENCY_BUDGET_MS   auto, objective bytes: the predicted latency a plan may take
@@ -70,8 +70,8 @@ AUTO = "auto"  # SPLITCLIP_CUT / --cut value of the online planner (the same as 
 def command_cut(
     cut: int | str | None, cloud: str | None, env: Mapping[str, str] | None = None
 ) -> int | str | None:
-    """The cut a command runs: the one it was given, else auto when a cloud is configured (the commands'
-    default; the Python API keeps L // 2 unless asked for auto), else None."""
+    """The cut a command runs: the one it was given, else auto when a cloud is configured (also the
+    settings' own default when no codec is given), else None."""
     env = os.environ if env is None else env
     if cut is None and not env.get("SPLITCLIP_CUT") and (cloud or env.get("SPLITCLIP_CLOUD")):
         return AUTO
@@ -102,7 +102,7 @@ class EdgeSettings:
     tls_ca: Path | None = None  # CA bundle (PEM): TLS when set
     tls_ca_optional: bool = False  # tls_ca may be absent (an optional Secret): then TLS with the system CAs
     tls_server_name: str | None = None
-    cut: int | None = None  # a fixed cut; None = L // 2, or the planner when plan is "auto"
+    cut: int | None = None  # a fixed cut; None = L // 2 (plan "fixed") or the planner (plan "auto")
     plan: str = "fixed"  # "auto" (SPLITCLIP_CUT=auto / cut="auto"): chosen per frame with a cloud
     allow_image_upload: bool = True  # False: never send pixels (cut 0) to the cloud
     codec: str = "int8-zstd"
@@ -163,6 +163,15 @@ class EdgeSettings:
             overrides = {**overrides, "cut": None, "plan": AUTO}
         elif override_cut is not None:
             overrides = {**overrides, "plan": "fixed"}
+        elif (
+            "plan" not in overrides
+            and not env.get("SPLITCLIP_CUT")
+            and overrides.get("codec") is None
+            and not env.get("SPLITCLIP_CODEC")
+        ):
+            # neither a cut nor a codec asked for: the planner chooses (with a cloud; without one the
+            # node answers locally whatever the plan); a codec alone means a fixed cut L // 2 with it
+            overrides = {**overrides, "plan": AUTO}
         values = loader.load(EdgeSettings, env, overrides, kind="edge")
         if "bundle" not in values and DEFAULT_BUNDLE.is_dir():
             values["bundle"] = DEFAULT_BUNDLE

@@ -23,7 +23,13 @@ from tests.e2e.test_edge_cloud import wait_answering
 
 TOKEN = "e2e-node-token"
 PROMPTS = ["a photo of a cat", "a photo of a dog", "red circle", "blue square"]
-FAST = {"probe_interval_s": 0.25, "probe_max_s": 1.0, "hello_timeout_s": 3.0, "node_token": TOKEN}
+FAST = {
+    "probe_interval_s": 0.25,
+    "probe_max_s": 1.0,
+    "hello_timeout_s": 3.0,
+    "node_token": TOKEN,
+    "codec": "int8-zstd",
+}
 # Scale on any sustained load, within seconds (the file's target of 64 frames in flight per replica is
 # for the production ingress, see docs/cluster.md), and not back down during the test.
 AUTOSCALING = {
@@ -84,9 +90,7 @@ def test_scale_up_then_a_worker_killed_mid_run_every_frame_answered_once(
             sent += 1
             yield images[sent % len(images)]
 
-    with EdgeNode(
-        tiny_bundle_dir, cloud=cluster.address, cut=1, codec="int8-zstd", window=16, **FAST
-    ) as node:
+    with EdgeNode(tiny_bundle_dir, cloud=cluster.address, cut=1, window=16, **FAST) as node:
         assert node.mode == "split", node.mode_reason
         streaming = threading.Thread(target=lambda: results.extend(node.classify_many(frames(), PROMPTS)))
         streaming.start()

@@ -22,7 +22,13 @@ from splitclip.bundle import load_bundle, write_manifest
 
 TOKEN = "e2e-node-token"
 PROMPTS = ["a photo of a cat", "a photo of a dog", "red circle", "blue square"]
-FAST = {"probe_interval_s": 0.25, "probe_max_s": 1.0, "hello_timeout_s": 3.0, "node_token": TOKEN}
+FAST = {
+    "probe_interval_s": 0.25,
+    "probe_max_s": 1.0,
+    "hello_timeout_s": 3.0,
+    "node_token": TOKEN,
+    "codec": "int8-zstd",
+}
 
 
 def wait_answering(c: CloudProcess, bundle_id: str, timeout_s: float = 120.0) -> None:
@@ -78,7 +84,7 @@ def test_split_results_equal_local_results_with_the_lossless_codec(
         L = local.num_blocks
         cut = {"first": 0, "middle": L // 2, "last": L}[where]
         ref = by_id(local.classify_many(images, PROMPTS))
-    with EdgeNode(tiny_bundle_dir, cloud=cloud.address, cut=cut, codec="lossless", **FAST) as node:
+    with EdgeNode(tiny_bundle_dir, cloud=cloud.address, cut=cut, **{**FAST, "codec": "lossless"}) as node:
         assert node.mode == "split", node.mode_reason
         split = by_id(node.classify_many(images, PROMPTS))
         unary = node.classify(images[0], PROMPTS)
@@ -95,7 +101,7 @@ def test_every_codec_preset_goes_split_through_the_real_cloud(tiny_bundle_dir, c
         L = local.num_blocks
     plans = [(1, name) for name in codec.PRESETS] + [(0, "int8-zstd"), (L, "fp16")]
     for cut, name in plans:
-        with EdgeNode(tiny_bundle_dir, cloud=cloud.address, cut=cut, codec=name, **FAST) as node:
+        with EdgeNode(tiny_bundle_dir, cloud=cloud.address, cut=cut, **{**FAST, "codec": name}) as node:
             got = by_id(node.classify_many(images[:3], PROMPTS))
         assert [(r.mode, r.reason) for r in got] == [("split", "cloud")] * 3, (cut, name, got[0])
 
@@ -152,7 +158,7 @@ def test_cloud_death_mid_run_answers_every_frame_once_then_split_mode_returns(
                 cloud.kill()  # frames are in flight in the window right now
             yield images[i % len(images)]
 
-    with EdgeNode(tiny_bundle_dir, cloud=cloud.address, window=8, codec="int8-zstd", **FAST) as node:
+    with EdgeNode(tiny_bundle_dir, cloud=cloud.address, window=8, **FAST) as node:
         assert node.mode == "split"
         arrivals: list[tuple[float, EdgeResult]] = []
         for r in node.classify_many(frames(), PROMPTS):

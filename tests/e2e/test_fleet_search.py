@@ -62,7 +62,13 @@ CLASSES = [
 PER_CLASS = 2  # per node
 SIZES_POS = [("large", "center"), ("medium", "left"), ("large", "right")]
 NODE = "gate-offline"
-FAST = {"breaker_failures": 1, "probe_interval_s": 0.2, "probe_max_s": 0.5, "hello_timeout_s": 5.0}
+FAST = {
+    "breaker_failures": 1,
+    "probe_interval_s": 0.2,
+    "probe_max_s": 0.5,
+    "hello_timeout_s": 5.0,
+    "codec": "int8-zstd",
+}
 UPLOAD = {"upload_batch": 4, "upload_rate_per_s": 100.0, "upload_retry_s": 0.5, "upload_timeout_s": 30.0}
 OFFLINE_SCENES = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
 

@@ -285,7 +285,8 @@ def test_cut_auto_is_a_setting_and_a_number_keeps_a_fixed_cut() -> None:
     assert EdgeSettings.from_env({}, cut="AUTO", cloud="c:1").auto
     assert not EdgeSettings.from_env({"SPLITCLIP_CUT": "auto", "SPLITCLIP_CLOUD": "c:1"}, cut=2).auto
     assert not EdgeSettings.from_env({"SPLITCLIP_CUT": "auto"}).auto  # no cloud: local
-    assert not EdgeSettings.from_env({}, cloud="c:1").auto  # the Python API's default stays L // 2
+    assert EdgeSettings.from_env({}, cloud="c:1").auto  # the default with a cloud
+    assert not EdgeSettings.from_env({}, cloud="c:1", codec="fp16").auto  # a codec: fixed L // 2
     with pytest.raises(SettingsError, match="latency_budget_ms"):
         EdgeSettings.from_env({"SPLITCLIP_OBJECTIVE": "bytes"})
     with pytest.raises(SettingsError, match="min_agreement"):

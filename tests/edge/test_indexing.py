@@ -21,13 +21,15 @@ from splitclip.tower import Tower
 from tests.edge.conftest import PROMPTS
 from tests.edge.refcloud import RefCloud
 
-FAST = {"probe_interval_s": 0.2, "probe_max_s": 0.5, "hello_timeout_s": 3.0}
+FAST = {"probe_interval_s": 0.2, "probe_max_s": 0.5, "hello_timeout_s": 3.0, "codec": "int8-zstd"}
 UPLOAD = {"upload_batch": 2, "upload_rate_per_s": 1000.0, "upload_retry_s": 0.2}
 
 
 def indexed(bundle: Path, journal: Path, cloud: RefCloud | None = None, **kw) -> EdgeNode:
     addr = f"127.0.0.1:{cloud.port}" if cloud is not None else None
-    return EdgeNode(bundle, cloud=addr, index=True, journal=journal, node_id="cam-1", **kw)
+    return EdgeNode(
+        bundle, cloud=addr, index=True, journal=journal, node_id="cam-1", **{"codec": "int8-zstd", **kw}
+    )
 
 
 def wait_for(cond, what: str, timeout: float = 20.0) -> None:
@@ -74,7 +76,7 @@ def test_frames_carry_the_index_fields_when_on_and_not_when_off(
     assert {r.source for r in stored} == {*names, "cam/3.png"}
 
     cloud.frame_requests.clear()
-    with EdgeNode(bundle, cloud=f"127.0.0.1:{cloud.port}", node_id="cam-2") as off:
+    with EdgeNode(bundle, cloud=f"127.0.0.1:{cloud.port}", codec="int8-zstd", node_id="cam-2") as off:
         assert off.index.journal is None and off.classify(images[0], PROMPTS, source="x").mode == "split"
     (f,) = cloud.frame_requests
     assert (f.index, f.captured_at, f.source) == (False, 0.0, "")  # nothing for search: not asked

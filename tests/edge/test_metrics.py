@@ -24,7 +24,7 @@ from tests.edge.conftest import PROMPTS
 from tests.edge.refcloud import RefCloud
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = {"probe_interval_s": 0.2, "probe_max_s": 0.5, "hello_timeout_s": 3.0}
+FAST = {"probe_interval_s": 0.2, "probe_max_s": 0.5, "hello_timeout_s": 3.0, "codec": "int8-zstd"}
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -111,7 +111,9 @@ def test_split_frames_count_their_bytes(bundle: Path, images, cloud: RefCloud, s
 
 def test_a_dead_cloud_shows_an_open_breaker(bundle: Path, images, served) -> None:
     # nothing listens on port 1; probes far apart, so no half-open probe runs during the test
-    with EdgeNode(bundle, cloud="127.0.0.1:1", probe_interval_s=60, probe_max_s=60) as node:
+    with EdgeNode(
+        bundle, cloud="127.0.0.1:1", codec="int8-zstd", probe_interval_s=60, probe_max_s=60
+    ) as node:
         _, url = serve(node, served)
         results = list(node.classify_many(images[:3], PROMPTS))
         s = scrape(url)

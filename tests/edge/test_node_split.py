@@ -17,7 +17,7 @@ from edge_node.results import EdgeResult
 from tests.edge.conftest import PROMPTS
 from tests.edge.refcloud import RefCloud
 
-FAST = {"probe_interval_s": 0.2, "probe_max_s": 0.5, "hello_timeout_s": 3.0}
+FAST = {"probe_interval_s": 0.2, "probe_max_s": 0.5, "hello_timeout_s": 3.0, "codec": "int8-zstd"}
 
 
 def by_id(results) -> list[EdgeResult]:
@@ -58,7 +58,9 @@ def test_window_bounds_frames_in_flight(bundle: Path, images, cloud: RefCloud) -
 def test_frame_past_its_deadline_is_answered_locally_once(bundle: Path, images, cloud: RefCloud) -> None:
     cloud.faults.delay_s = 2.5
     cloud.faults.delay_frames = {3}  # the node's third frame (refcloud counts a node's frames from 1)
-    with EdgeNode(bundle, cloud=f"127.0.0.1:{cloud.port}", frame_deadline_s=1.0, breaker_failures=5) as node:
+    with EdgeNode(
+        bundle, cloud=f"127.0.0.1:{cloud.port}", codec="int8-zstd", frame_deadline_s=1.0, breaker_failures=5
+    ) as node:
         results = by_id(node.classify_many(images[:6], PROMPTS))
         stream = node._stream
         assert stream is not None
@@ -179,7 +181,12 @@ def test_a_bundle_mismatch_result_is_known_by_its_kind_not_its_message(
 
     cloud.faults.error_kind = "bundle-mismatch"
     with EdgeNode(
-        bundle, cloud=f"127.0.0.1:{cloud.port}", window=1, probe_interval_s=30, probe_max_s=30
+        bundle,
+        cloud=f"127.0.0.1:{cloud.port}",
+        codec="int8-zstd",
+        window=1,
+        probe_interval_s=30,
+        probe_max_s=30,
     ) as node:
         results = by_id(node.classify_many(images[:4], PROMPTS))
         assert node.mode == "local" and node.mode_reason.startswith("bundle_mismatch")
@@ -190,7 +197,9 @@ def test_a_bundle_mismatch_result_is_known_by_its_kind_not_its_message(
 def test_a_unary_refusal_with_the_bundle_mismatch_kind_opens_the_breaker(
     bundle: Path, images, cloud: RefCloud
 ) -> None:
-    with EdgeNode(bundle, cloud=f"127.0.0.1:{cloud.port}", probe_interval_s=30, probe_max_s=30) as node:
+    with EdgeNode(
+        bundle, cloud=f"127.0.0.1:{cloud.port}", codec="int8-zstd", probe_interval_s=30, probe_max_s=30
+    ) as node:
         cloud.faults.unary_codes = [grpc.StatusCode.FAILED_PRECONDITION]
         cloud.faults.unary_kind = "bundle-mismatch"
         r = node.classify(images[0], PROMPTS)
@@ -248,7 +257,9 @@ def test_late_answers_are_counted_as_they_arrive_and_never_overwritten(
 
     cloud.faults.delay_s = 2.0
     cloud.faults.delay_frames = {2}
-    with EdgeNode(bundle, cloud=f"127.0.0.1:{cloud.port}", frame_deadline_s=0.8, breaker_failures=5) as node:
+    with EdgeNode(
+        bundle, cloud=f"127.0.0.1:{cloud.port}", codec="int8-zstd", frame_deadline_s=0.8, breaker_failures=5
+    ) as node:
         results = by_id(node.classify_many(images[:3], PROMPTS))
         assert [r.reason for r in results] == ["cloud", "deadline", "cloud"]
         until = time.monotonic() + 10
@@ -280,7 +291,7 @@ def test_a_cloud_that_refuses_pixels_keeps_a_cut_0_node_local_for_good(bundle: P
     rc = RefCloud(bundle, allow_image_upload=False)
     rc.start()
     try:
-        with EdgeNode(bundle, cloud=f"127.0.0.1:{rc.port}", cut=0, codec="lossless", **FAST) as node:
+        with EdgeNode(bundle, cloud=f"127.0.0.1:{rc.port}", cut=0, **{**FAST, "codec": "lossless"}) as node:
             first = node.classify(images[0], PROMPTS)
             time.sleep(0.8)  # longer than a probe interval
             rest = list(node.classify_many(images[:4], PROMPTS))

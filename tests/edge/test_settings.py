@@ -106,3 +106,19 @@ def test_the_journal_and_the_device_profiles_share_one_cache_dir(tmp_path: Path,
     assert cache_root(tmp_path) == tmp_path  # a given dir wins
     monkeypatch.delenv("SPLITCLIP_CACHE_DIR")
     assert cache_root() == Path.home() / ".cache" / "splitclip"
+
+
+def test_the_planner_is_the_default_unless_a_cut_or_a_codec_is_asked_for() -> None:
+    env = {"SPLITCLIP_CLOUD": "cloud:9000"}
+    assert EdgeSettings.from_env(env).auto  # nothing asked for: the planner chooses
+    assert EdgeSettings.from_env(env, cut="auto").auto
+    assert not EdgeSettings.from_env({}).auto  # no cloud: local, whatever the plan
+    fixed = [
+        EdgeSettings.from_env(env, codec="fp16"),  # a codec alone: cut L // 2 with it
+        EdgeSettings.from_env({**env, "SPLITCLIP_CODEC": "fp16"}),
+        EdgeSettings.from_env(env, cut=2),
+        EdgeSettings.from_env({**env, "SPLITCLIP_CUT": "2"}),
+    ]
+    assert [(s.plan, s.auto) for s in fixed] == [("fixed", False)] * 4
+    assert fixed[0].cut is None and fixed[2].cut == 2
+    assert EdgeSettings.from_env({**env, "SPLITCLIP_CUT": "auto"}, codec="fp16").auto  # auto asked for wins

@@ -48,7 +48,7 @@ def test_tls_split_mode_with_the_trusted_ca(bundle: Path, images: list[np.ndarra
 
 def test_plaintext_to_a_tls_server_answers_locally(bundle: Path, images: list[np.ndarray], tls_cloud) -> None:
     _, addr, _ = tls_cloud
-    with EdgeNode(bundle, cloud=addr, hello_timeout_s=1.0) as node:
+    with EdgeNode(bundle, cloud=addr, codec="int8-zstd", hello_timeout_s=1.0) as node:
         assert node.mode == "local"
         r = node.classify(images[0], PROMPTS)
     assert r.mode == "local" and r.ok
@@ -61,7 +61,9 @@ def test_an_absent_optional_ca_means_tls_with_the_system_cas(
     absent = tmp_path / "not-mounted" / "ca.crt"
     # the system's CAs do not trust this self-signed certificate: the handshake fails, the node answers
     # locally, and no call ever reaches the server
-    with EdgeNode(bundle, cloud=addr, tls_ca=absent, tls_ca_optional=True, hello_timeout_s=1.0) as node:
+    with EdgeNode(
+        bundle, cloud=addr, codec="int8-zstd", tls_ca=absent, tls_ca_optional=True, hello_timeout_s=1.0
+    ) as node:
         assert node.mode == "local"
         r = node.classify(images[0], PROMPTS)
     assert r.mode == "local" and r.ok and rc.classify_calls == 0
