@@ -58,7 +58,7 @@ def no_local_text(node: EdgeNode) -> None:
 def test_split_and_local_agree_with_the_cache_warmed_from_the_cloud(
     tiny_bundle_dir, cloud, images, templates
 ) -> None:
-    with EdgeNode(tiny_bundle_dir, cloud=cloud.address, cut=1, codec="lossless", **STAY_OPEN) as node:
+    with EdgeNode(tiny_bundle_dir, cloud=cloud.address, cut=1, **{**STAY_OPEN, "codec": "lossless"}) as node:
         assert node.mode == "split", node.mode_reason
         no_local_text(node)  # every local answer below must use the cloud's EncodeText embeddings
         split = by_id(node.classify_many(images, LABELS, templates=templates))
@@ -81,7 +81,7 @@ def test_split_and_local_agree_with_the_text_computed_on_the_edge(
     with EdgeNode(tiny_bundle_dir) as alone:  # no cloud: the edge's own text tower fills the cache
         local = by_id(alone.classify_many(images, LABELS, templates=templates))
         edge_text = alone.prompt_embeddings(LABELS, templates)
-    with EdgeNode(tiny_bundle_dir, cloud=cloud.address, cut=1, codec="lossless", **STAY_OPEN) as node:
+    with EdgeNode(tiny_bundle_dir, cloud=cloud.address, cut=1, **{**STAY_OPEN, "codec": "lossless"}) as node:
         split = by_id(node.classify_many(images, LABELS, templates=templates))
         cloud_text = node.engine.prompts.get(prompt_set(LABELS, templates).key())
         node.engine.prompts.clear()  # cache cleared: local answers compute the text here
@@ -96,7 +96,7 @@ def test_split_and_local_agree_with_the_text_computed_on_the_edge(
 
 def test_normalised_labels_score_like_their_clean_spelling(tiny_bundle_dir, cloud, images) -> None:
     clean = [" ".join(label.split()) for label in LABELS]
-    with EdgeNode(tiny_bundle_dir, cloud=cloud.address, cut=1, codec="lossless", **FAST) as node:
+    with EdgeNode(tiny_bundle_dir, cloud=cloud.address, cut=1, **{**FAST, "codec": "lossless"}) as node:
         odd = by_id(node.classify_many(images[:2], LABELS, templates=TEMPLATES))
         tidy = by_id(node.classify_many(images[:2], clean, templates=TEMPLATES))
     assert {r.mode for r in [*odd, *tidy]} == {"split"}
