@@ -43,6 +43,7 @@ WITHIN = 0.05  # the acceptance target: planner median within 5 % of the best fi
 # The A/A control: `local` again, on a node of its own (as the planner has), measured like every plan.
 # control / local is what two runs of one code path differ by here: the bench's own noise floor.
 CONTROL = "local*"
+NOT_FIXED = ("auto", CONTROL)  # measured beside the fixed plans, never a candidate for the best one
 
 
 def build_parser(p: argparse.ArgumentParser) -> None:
@@ -103,7 +104,7 @@ def fixed_plans(table: Any, num_blocks: int, floor: float) -> list[str]:
 
 
 def cut_of(plan: str) -> int | None:
-    return None if plan in ("local", "auto", CONTROL) else int(plan.split("/")[0].removeprefix("cut"))
+    return None if plan == "local" or plan in NOT_FIXED else int(plan.split("/")[0].removeprefix("cut"))
 
 
 # -- the edge worker -----------------------------------------------------------------------------
@@ -203,19 +204,21 @@ def summarise(frames: list[dict[str, Any]]) -> dict[str, Any]:
 
 def analyse(setting_frames: list[dict[str, Any]], plans: list[str]) -> dict[str, Any]:
     """The rows of one link setting (pooled over runs) and the computed findings."""
-    rows = []
-    for plan in [*plans, CONTROL, "auto"]:
-        fs = [f for f in setting_frames if f["requested"] == plan and f["measured"]]
-        if fs:
-            rows.append({"plan": plan, **summarise(fs)})
-    fixed = [r for r in rows if r["plan"] not in ("auto", CONTROL)]
+    measured = {
+        plan: fs
+        for plan in [*plans, CONTROL, "auto"]
+        if (fs := [f for f in setting_frames if f["requested"] == plan and f["measured"]])
+    }
+    rows = [{"plan": plan, **summarise(fs)} for plan, fs in measured.items()]
+    by_plan = {r["plan"]: r for r in rows}
+    fixed = [r for r in rows if r["plan"] not in NOT_FIXED]
     best = min(fixed, key=lambda r: r["median_ms"])
     best["best"] = True
-    auto = next((r for r in rows if r["plan"] == "auto"), None)
+    auto, control, local = by_plan.get("auto"), by_plan.get(CONTROL), by_plan.get("local")
     out: dict[str, Any] = {"rows": rows, "best": best["plan"], "best_ms": best["median_ms"]}
 
     def lat(plan: str) -> list[float]:
-        return [f["latency_ms"] for f in setting_frames if f["requested"] == plan and f["measured"]]
+        return [f["latency_ms"] for f in measured[plan]]
 
     if auto is not None:
         out["auto_ms"] = auto["median_ms"]
@@ -230,18 +233,14 @@ def analyse(setting_frames: list[dict[str, Any]], plans: list[str]) -> dict[str,
                 p: statistics.median(f["latency_ms"] for f in rf if f["requested"] == p)
                 for p in {f["requested"] for f in rf}
             }
-            fixed_meds = {p: m for p, m in meds.items() if p not in ("auto", CONTROL)}
+            fixed_meds = {p: m for p, m in meds.items() if p not in NOT_FIXED}
             bp = min(fixed_meds, key=lambda p: fixed_meds[p])
             aa = meds[CONTROL] / meds["local"] if CONTROL in meds and "local" in meds else None
             per_run.append({"run": run, "best": bp, "ratio": meds["auto"] / fixed_meds[bp], "aa": aa})
         out["per_run"] = per_run
-    control = next((r for r in rows if r["plan"] == CONTROL), None)
-    local_row = next((r for r in fixed if r["plan"] == "local"), None)
-    if control is not None and local_row is not None:
-        out["aa"] = control["median_ms"] / local_row["median_ms"]
+    if control is not None and local is not None:
+        out["aa"] = control["median_ms"] / local["median_ms"]
         out["aa_ci"] = ratio_ci(lat(CONTROL), lat("local"))
-    L_rows = {r["plan"]: r for r in fixed}
-    local = L_rows.get("local")
     up = [r for r in fixed if cut_of(r["plan"]) == 0]
     inner = [r for r in fixed if (c := cut_of(r["plan"])) is not None and 0 < c < max_cut(plans)]
     out["local_ms"] = local["median_ms"] if local else None
@@ -619,7 +618,7 @@ def report(
                 note = "**planner**: " + ", ".join(f"{p} {n}" for p, n in r["used"])
             if r["plan"] == CONTROL:
                 note = "A/A control (`local`, its own node)"
-            elif r["reasons"] and r["plan"] not in ("local", "auto"):
+            elif r["reasons"] and r["plan"] != "local" and r["plan"] not in NOT_FIXED:
                 note += " local: " + ", ".join(f"{p} {n}" for p, n in r["reasons"])
             L.append(
                 f"| `{r['plan']}` | {r['median_ms']:.1f} | {r['p95_ms']:.1f} | {r['edge_ms']:.1f} | "

@@ -132,7 +132,7 @@ def stage_times(rt: BundleRuntime, image: ImageLike, repeats: int, edge: str = "
     one_pass()  # warm-up (first ORT run allocates)
     passes = [one_pass() for _ in range(max(1, repeats))]
     cumulative = [statistics.median(p[j] for p in passes) for j in range(L + 2)]
-    return tuple(max(0.0, c - prev) for prev, c in zip([0.0, *cumulative], cumulative, strict=False))
+    return tuple(max(0.0, c - prev) for prev, c in zip([0.0, *cumulative[:-1]], cumulative, strict=True))
 
 
 def profile_stages(rt: BundleRuntime, image: ImageLike, repeats: int = 20) -> StageProfile:

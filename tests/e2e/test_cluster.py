@@ -19,17 +19,8 @@ from cloud_service import cluster as clus
 from edge_node.node import EdgeNode
 from edge_node.results import EdgeResult
 from splitclip.bundle import load_bundle
-from tests.e2e.test_edge_cloud import wait_answering
+from tests.e2e.test_edge_cloud import FAST, PROMPTS, TOKEN, wait_answering
 
-TOKEN = "e2e-node-token"
-PROMPTS = ["a photo of a cat", "a photo of a dog", "red circle", "blue square"]
-FAST = {
-    "probe_interval_s": 0.25,
-    "probe_max_s": 1.0,
-    "hello_timeout_s": 3.0,
-    "node_token": TOKEN,
-    "codec": "int8-zstd",
-}
 # Scale on any sustained load, within seconds (the file's target of 64 frames in flight per replica is
 # for the production ingress, see docs/cluster.md), and not back down during the test.
 AUTOSCALING = {
