@@ -6,7 +6,8 @@ command per line on stdin and answers one JSON line on stdout (logs go to stderr
 
     {"op": "open", "plan": "local" | "auto" | "local*" | "cut<k>/<preset>"}   that plan (auto: a fresh
                                                     node of its own; local*: local, on its own node)
-    {"op": "frame", "plan": P, "image": i}                          one frame of image i on that node
+    {"op": "frame", "plan": P, "image": i}    one frame of image i on that node (its reply: latency, bytes,
+                                              agreement and the node's per-stage `timings`)
     {"op": "quit"}
 
 Frames run one at a time (one in flight, over the node's bidi stream), so a frame's latency is its own.
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                     "cloud_ms": cloud,
                     "transfer_ms": max(0.0, r.latency_ms - edge - cloud) if r.mode == "split" else 0.0,
                     "error": r.error,
+                    "timings": t,
                 }
             )
         else:
