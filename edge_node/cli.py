@@ -16,12 +16,15 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from edge_node.results import EdgeResult
 from splitclip.classify import read_labels
 from splitclip.errors import SplitclipError, UsageError
 from splitclip.prompts import prompt_set
+
+if TYPE_CHECKING:
+    from edge_node.settings import EdgeSettings
 
 HELP = "classify images on an edge node: split via the cloud, local fallback"
 
@@ -51,7 +54,9 @@ def build_parser(c: argparse.ArgumentParser) -> None:
         help="split after K vision blocks, or auto: the node chooses per frame [SPLITCLIP_CUT, auto with a cloud]",
     )
     c.add_argument(
-        "--codec", metavar="PRESET", help="codec preset of a fixed cut [SPLITCLIP_CODEC, int8-zstd]"
+        "--codec",
+        metavar="PRESET",
+        help="codec preset of a fixed cut; given alone, it fixes cut L/2 [SPLITCLIP_CODEC, int8-zstd]",
     )
     c.add_argument(
         "--objective",
@@ -107,11 +112,33 @@ def check_out(out: Path) -> None:
         raise UsageError(f"--out {out} is a directory")
 
 
+def node_settings(args: argparse.Namespace) -> EdgeSettings:
+    """The node's settings: flags over `SPLITCLIP_*`. The plan follows EdgeSettings.from_env: with a
+    cloud and neither --cut nor --codec the planner chooses; --codec alone fixes cut L // 2 with it."""
+    from edge_node.settings import EdgeSettings
+
+    try:
+        return EdgeSettings.from_env(
+            bundle=args.bundle,
+            cloud=args.cloud,
+            cut=args.cut,
+            codec=args.codec,
+            objective=args.objective,
+            latency_budget_ms=args.latency_budget,
+            min_agreement=args.min_agreement,
+            top_k=args.top_k,
+            frame_deadline_s=args.deadline,
+            window=args.window,
+            node_id=args.node_id,
+        )
+    except OSError as e:  # e.g. an unreadable SPLITCLIP_NODE_TOKEN_FILE
+        raise UsageError(str(e)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from edge_node.node import EdgeNode
-    from edge_node.settings import EdgeSettings, command_cut
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     prompts = args.prompts or read_labels(args.labels)  # a missing or empty file is a UsageError
@@ -122,23 +149,9 @@ def run(args: argparse.Namespace) -> int:
     images = expand_paths(args.paths)
     if not images:
         raise UsageError("no images found in the given paths")
-    cut = command_cut(args.cut, args.cloud)
     try:
-        settings = EdgeSettings.from_env(
-            bundle=args.bundle,
-            cloud=args.cloud,
-            cut=cut,
-            codec=args.codec,
-            objective=args.objective,
-            latency_budget_ms=args.latency_budget,
-            min_agreement=args.min_agreement,
-            top_k=args.top_k,
-            frame_deadline_s=args.deadline,
-            window=args.window,
-            node_id=args.node_id,
-        )
-        node = EdgeNode(settings=settings)
-    except OSError as e:  # e.g. an unreadable SPLITCLIP_NODE_TOKEN_FILE
+        node = EdgeNode(settings=node_settings(args))
+    except OSError as e:
         raise UsageError(str(e)) from None
     except ValueError as e:
         if isinstance(e, SplitclipError):

@@ -67,17 +67,6 @@ from splitclip.settings import SettingsError
 AUTO = "auto"  # SPLITCLIP_CUT / --cut value of the online planner (the same as leaving it unset)
 
 
-def command_cut(
-    cut: int | str | None, cloud: str | None, env: Mapping[str, str] | None = None
-) -> int | str | None:
-    """The cut a command runs: the one it was given, else auto when a cloud is configured (also the
-    settings' own default when no codec is given), else None."""
-    env = os.environ if env is None else env
-    if cut is None and not env.get("SPLITCLIP_CUT") and (cloud or env.get("SPLITCLIP_CLOUD")):
-        return AUTO
-    return cut
-
-
 def default_node_id() -> str:
     """The node id when SPLITCLIP_NODE_ID is unset: unique per process, so not stable across restarts."""
     return f"edge-{socket.gethostname()}-{os.getpid()}"

@@ -86,7 +86,7 @@ def build_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from edge_node.metrics import NodeMetrics
     from edge_node.node import EdgeNode
-    from edge_node.settings import EdgeSettings, command_cut
+    from edge_node.settings import EdgeSettings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     prompts = args.prompts or read_labels(args.labels)
@@ -99,7 +99,6 @@ def run(args: argparse.Namespace) -> int:
     settings = EdgeSettings.from_env(
         bundle=args.bundle,
         cloud=args.cloud,
-        cut=command_cut(None, args.cloud),
         metrics_port=args.metrics_port,
     )
     if not 0 <= settings.metrics_port <= 65535:

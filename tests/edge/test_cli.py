@@ -145,3 +145,26 @@ def test_bad_images_get_error_lines_and_the_others_are_answered(
         assert rows[name]["error"] and rows[name]["reason"] == "error", rows[name]
         assert sum(line.startswith("error: ") and name in line for line in err.splitlines()) == 1, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "auto", "cut", "codec"),
+    [
+        ((), True, None, "int8-zstd"),  # a cloud and nothing asked for: the planner
+        (("--cut", "auto"), True, None, "int8-zstd"),
+        (("--codec", "fp16"), False, None, "fp16"),  # a codec alone fixes the plan (cut L // 2)
+        (("--cut", "1"), False, 1, "int8-zstd"),
+        (("--cut", "1", "--codec", "fp16"), False, 1, "fp16"),
+    ],
+)
+def test_the_commands_plan_follows_the_settings_rule(monkeypatch, flags, auto, cut, codec) -> None:
+    import argparse
+
+    from edge_node.cli import build_parser, node_settings
+
+    for k in ("SPLITCLIP_CUT", "SPLITCLIP_CODEC", "SPLITCLIP_CLOUD"):
+        monkeypatch.delenv(k, raising=False)
+    ap = argparse.ArgumentParser()
+    build_parser(ap)
+    s = node_settings(ap.parse_args(["x.png", "--prompt", "a", "--cloud", "cloud:9000", *flags]))
+    assert (s.auto, s.cut, s.codec) == (auto, cut, codec)
