@@ -14,6 +14,11 @@ falls on all of them alike); fixed plans have `--warmup` unmeasured frames, the 
 (it must learn first: how long that takes is the step-change run's subject). The sweep repeats
 `--runs` times; the table pools the runs, and the planner/best ratio is also given per run.
 
+Final: a screening of 30 plans on a few frames each cannot tell 5 % apart (the A/A control shows
+how far two runs of one plan differ). So each setting ends with a final: the fixed plans within
+`--final-within` of the screening's best (at most 3, picked in run 1), the planner and the A/A control
+run `--final-frames` more frames each, and the 5 % verdict is taken on those fresh frames.
+
 Step change (`--timeline 100,1,20`): one planner node, `--timeline-frames` frames per step, the link's
 rate changed between two frames; frames until the plan in use is the one it then keeps, latency
 before and after.
@@ -26,24 +31,19 @@ import json
 import os
 import random
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from benchmarks.e2e_report import report
+from benchmarks.e2e_stats import CONTROL, analyse, finalists
 
 HELP = "end to end: every fixed plan and the planner, real cloud, emulated link, weak edge"
 ROOT = Path(__file__).resolve().parent.parent
 DESCRIPTION = __doc__.split("\n", 2)[2] if __doc__ else ""
-WITHIN = 0.05  # the acceptance target: planner median within 5 % of the best fixed plan's
-# The A/A control: `local` again, on a node of its own (as the planner has), measured like every plan.
-# control / local is what two runs of one code path differ by here: the bench's own noise floor.
-CONTROL = "local*"
-NOT_FIXED = ("auto", CONTROL)  # measured beside the fixed plans, never a candidate for the best one
 
 
 def build_parser(p: argparse.ArgumentParser) -> None:
@@ -58,6 +58,20 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=10, help="measured frames per plan, setting and run (10)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured frames per fixed plan and setting (2)")
     p.add_argument("--auto-warmup", type=int, default=8, help="unmeasured frames of the planner (8)")
+    p.add_argument(
+        "--final-frames",
+        type=int,
+        default=100,
+        help="frames per plan and run of each setting's final: the fixed plans within --final-within of the "
+        "best (at most 3, picked in run 1), the planner and, with local, the A/A control, on more frames "
+        "than the screening of every plan; the 5 %% verdict is the final's (default 100; 0 = none)",
+    )
+    p.add_argument(
+        "--final-within",
+        type=float,
+        default=0.25,
+        help="fixed plans whose screening median is within this fraction of the best go to the final (0.25)",
+    )
     p.add_argument("--runs", type=int, default=3, help="sweeps of every setting (default 3)")
     p.add_argument("--edge-cpu", type=float, default=0.25, help="CPUs of the edge process (default 0.25)")
     p.add_argument(
@@ -101,10 +115,6 @@ def fixed_plans(table: Any, num_blocks: int, floor: float) -> list[str]:
         "local",
         *(f"cut{r.cut}/{r.preset}" if r.edge == "fp32" else f"cut{r.cut}/{r.edge}/{r.preset}" for r in rows),
     ]
-
-
-def cut_of(plan: str) -> int | None:
-    return None if plan == "local" or plan in NOT_FIXED else int(plan.split("/")[0].removeprefix("cut"))
 
 
 # -- the edge worker -----------------------------------------------------------------------------
@@ -161,96 +171,6 @@ def write_images(folder: Path, n: int, image_size: int, seed: int, noise: float 
         if noise > 0:
             img = np.clip(img + rng.normal(0.0, noise, img.shape), 0, 255).astype(np.uint8)
         Image.fromarray(img, "RGB").save(folder / f"img_{i:03d}.png")
-
-
-# -- statistics ----------------------------------------------------------------------------------
-def pct(xs: Sequence[float], q: float) -> float:
-    s = sorted(xs)
-    if not s:
-        return float("nan")
-    i = q * (len(s) - 1)
-    lo = int(i)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (i - lo)
-
-
-def ratio_ci(a: Sequence[float], b: Sequence[float], n: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95 % bootstrap interval of median(a) / median(b): how far the ratio of two plans' medians can
-    move on frames like these (resampling each plan's frames with replacement)."""
-    rng = random.Random(seed)
-    med = statistics.median
-    rs = sorted(med(rng.choices(a, k=len(a))) / med(rng.choices(b, k=len(b))) for _ in range(n))
-    return rs[int(0.025 * n)], rs[int(0.975 * n) - 1]
-
-
-def summarise(frames: list[dict[str, Any]]) -> dict[str, Any]:
-    med = statistics.median
-    lat = [f["latency_ms"] for f in frames]
-    return {
-        "n": len(frames),
-        "median_ms": med(lat),
-        "p95_ms": pct(lat, 0.95),
-        "edge_ms": med(f["edge_ms"] for f in frames),
-        "transfer_ms": med(f["transfer_ms"] for f in frames),
-        "cloud_ms": med(f["cloud_ms"] for f in frames),
-        "bytes": statistics.fmean(f["bytes"] for f in frames),
-        "wire_bytes": statistics.fmean(f["wire_up"] for f in frames),
-        "agreement": statistics.fmean(1.0 if f["agree"] else 0.0 for f in frames),
-        "split": sum(f["mode"] == "split" for f in frames),
-        "used": Counter(f["plan"] or "error" for f in frames).most_common(),
-        "reasons": Counter(f["reason"] for f in frames if f["mode"] == "local").most_common(),
-    }
-
-
-def analyse(setting_frames: list[dict[str, Any]], plans: list[str]) -> dict[str, Any]:
-    """The rows of one link setting (pooled over runs) and the computed findings."""
-    measured = {
-        plan: fs
-        for plan in [*plans, CONTROL, "auto"]
-        if (fs := [f for f in setting_frames if f["requested"] == plan and f["measured"]])
-    }
-    rows = [{"plan": plan, **summarise(fs)} for plan, fs in measured.items()]
-    by_plan = {r["plan"]: r for r in rows}
-    fixed = [r for r in rows if r["plan"] not in NOT_FIXED]
-    best = min(fixed, key=lambda r: r["median_ms"])
-    best["best"] = True
-    auto, control, local = by_plan.get("auto"), by_plan.get(CONTROL), by_plan.get("local")
-    out: dict[str, Any] = {"rows": rows, "best": best["plan"], "best_ms": best["median_ms"]}
-
-    def lat(plan: str) -> list[float]:
-        return [f["latency_ms"] for f in measured[plan]]
-
-    if auto is not None:
-        out["auto_ms"] = auto["median_ms"]
-        out["ratio"] = auto["median_ms"] / best["median_ms"]
-        out["ratio_ci"] = ratio_ci(lat("auto"), lat(best["plan"]))
-        out["within"] = out["ratio"] <= 1 + WITHIN
-        runs = sorted({f["run"] for f in setting_frames})
-        per_run = []
-        for run in runs:
-            rf = [f for f in setting_frames if f["run"] == run and f["measured"]]
-            meds = {
-                p: statistics.median(f["latency_ms"] for f in rf if f["requested"] == p)
-                for p in {f["requested"] for f in rf}
-            }
-            fixed_meds = {p: m for p, m in meds.items() if p not in NOT_FIXED}
-            bp = min(fixed_meds, key=lambda p: fixed_meds[p])
-            aa = meds[CONTROL] / meds["local"] if CONTROL in meds and "local" in meds else None
-            per_run.append({"run": run, "best": bp, "ratio": meds["auto"] / fixed_meds[bp], "aa": aa})
-        out["per_run"] = per_run
-    if control is not None and local is not None:
-        out["aa"] = control["median_ms"] / local["median_ms"]
-        out["aa_ci"] = ratio_ci(lat(CONTROL), lat("local"))
-    up = [r for r in fixed if cut_of(r["plan"]) == 0]
-    inner = [r for r in fixed if (c := cut_of(r["plan"])) is not None and 0 < c < max_cut(plans)]
-    out["local_ms"] = local["median_ms"] if local else None
-    out["upload"] = min(up, key=lambda r: r["median_ms"]) if up else None
-    out["inner"] = min(inner, key=lambda r: r["median_ms"]) if inner else None
-    return out
-
-
-def max_cut(plans: list[str]) -> int:
-    return max((c for p in plans if (c := cut_of(p)) is not None), default=0)
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -320,6 +240,19 @@ def run(args: argparse.Namespace) -> int:
                 for plan in [*plans, CONTROL]:
                     edge.ask(op="open", plan=plan)
                 n_rounds = max(args.warmup, args.auto_warmup) + args.frames
+                finals: dict[float, list[str]] = {}  # per link: the final's fixed plans (from run 1)
+
+                def frame(plan: str, run_i: int, mbps: float, r: int, measured: bool, final: bool) -> None:
+                    assert edge is not None
+                    time.sleep(args.gap_ms / 1e3)
+                    b0 = proxy.bytes_up
+                    f = edge.ask(op="frame", plan=plan, image=r % args.images)
+                    f.update(
+                        requested=plan, run=run_i, mbps=mbps, round=r, measured=measured, final=final,
+                        wire_up=proxy.bytes_up - b0,
+                    )  # fmt: skip
+                    frames.append(f)
+
                 for run_i in range(args.runs):
                     for mbps in rates:
                         t0 = time.monotonic()
@@ -330,25 +263,28 @@ def run(args: argparse.Namespace) -> int:
                             rng.shuffle(order)
                             for plan in order:
                                 warm = args.auto_warmup if plan == "auto" else args.warmup
-                                first = n_rounds - args.frames - warm
-                                if r < first:
-                                    continue
-                                time.sleep(args.gap_ms / 1e3)
-                                b0 = proxy.bytes_up
-                                f = edge.ask(op="frame", plan=plan, image=r % args.images)
-                                f.update(
-                                    requested=plan, run=run_i, mbps=mbps, round=r,
-                                    measured=r >= n_rounds - args.frames, wire_up=proxy.bytes_up - b0,
-                                )  # fmt: skip
-                                frames.append(f)
+                                if r >= n_rounds - args.frames - warm:
+                                    frame(plan, run_i, mbps, r, r >= n_rounds - args.frames, False)
                         done = [f for f in frames if f["run"] == run_i and f["mbps"] == mbps]
                         a = analyse(done, plans)
-                        print(
+                        line = (
                             f"run {run_i + 1}/{args.runs} {mbps:g} Mbit/s: best fixed {a['best']} "
                             f"{a['best_ms']:.1f} ms, planner {a['auto_ms']:.1f} ms ({a['ratio']:.2f}x; "
-                            f"profile+open {opened['s']:.1f} s) [{time.monotonic() - t0:.0f} s]",
-                            flush=True,
+                            f"profile+open {opened['s']:.1f} s)"
                         )
+                        if args.final_frames:
+                            fin = finals.setdefault(mbps, finalists(a, args.final_within))
+                            order = [*fin, "auto", *([CONTROL] if "local" in fin else [])]
+                            for r in range(n_rounds, n_rounds + args.final_frames):
+                                rng.shuffle(order)
+                                for plan in order:
+                                    frame(plan, run_i, mbps, r, True, True)
+                            fa = analyse(
+                                [f for f in frames if f["run"] == run_i and f["mbps"] == mbps and f["final"]],
+                                fin,
+                            )
+                            line += f"; final ({', '.join(fin)}): {fa['best']} {fa['best_ms']:.1f} ms, planner {fa['ratio']:.2f}x"
+                        print(f"{line} [{time.monotonic() - t0:.0f} s]", flush=True)
                 if steps:
                     proxy.set(mbps_up=steps[0])
                     edge.ask(op="open", plan="auto")
@@ -378,256 +314,6 @@ def run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps({k: v for k, v in result.items() if k != "markdown"}, indent=1))
     print(f"({result['wall_s']:.0f} s; logs in {work})", flush=True)
     return 0
-
-
-# -- the report ----------------------------------------------------------------------------------
-def step_change(timeline: list[dict[str, Any]], steps_frames: int) -> list[dict[str, Any]]:
-    """Per step: the plan it settles on (the most used in the step's last half), frames until that plan
-    is in use and stays so (exploration frames aside: they are counted, not waited for), latency before
-    (last 10 frames of the previous step) and after (frames of this step once settled)."""
-    out = []
-    phases = [timeline[i : i + steps_frames] for i in range(0, len(timeline), steps_frames)]
-    prev_plan: str | None = None
-    for j, ph in enumerate(phases):
-        tail = ph[len(ph) // 2 :]
-        settled = Counter(f["plan"] for f in tail).most_common(1)[0][0]
-        after = None
-        for i in range(len(ph)):
-            rest = [f["plan"] for f in ph[i:]]
-            if rest[0] == settled and rest.count(settled) >= 0.8 * len(rest):
-                after = i
-                break
-        lat_after = [f["latency_ms"] for f in ph[(after or 0) :] if f["plan"] == settled]
-        before = phases[j - 1][-10:] if j else []
-        out.append(
-            {
-                "mbps": ph[0]["mbps"],
-                "settled": settled,
-                "replanned": prev_plan is not None and settled != prev_plan,
-                "frames_to_settle": after,
-                "first_frame_ms": ph[0]["latency_ms"],
-                "before_ms": statistics.median(f["latency_ms"] for f in before) if before else None,
-                "after_ms": statistics.median(lat_after) if lat_after else None,
-                "used": Counter(f["plan"] for f in ph).most_common(),
-            }
-        )
-        prev_plan = settled
-    return out
-
-
-def _ms(x: float | None) -> str:
-    return "–" if x is None else f"{x:.1f}"
-
-
-def report(
-    args: argparse.Namespace,
-    bundle_dir: Path,
-    m: Any,
-    device: str,
-    plans: list[str],
-    rates: list[float],
-    frames: list[dict[str, Any]],
-    timeline: list[dict[str, Any]],
-    throttle: dict[str, int],
-) -> dict[str, Any]:
-    settings = []
-    for mbps in rates:
-        a = analyse([f for f in frames if f["mbps"] == mbps], plans)
-        a.update(mbps=mbps, rtt_ms=args.rtt_ms)
-        settings.append(a)
-    steps = step_change(timeline, args.timeline_frames) if timeline else []
-    rel = (lambda p: os.path.relpath(p, args.out.parent)) if args.out else str
-    images: list[str] = []
-    if args.plots:
-        from benchmarks import plots
-
-        images.append(rel(plots.latency_by_plan(settings, args.plots / "e2e_latency_by_plan.png")))
-        if timeline:
-            images.append(rel(plots.timeline(timeline, args.plots / "e2e_step_change.png")))
-    cmd = (
-        f"splitclip bench e2e --bundle {os.path.relpath(bundle_dir, ROOT)} --mbps {args.mbps} --rtt-ms "
-        f"{args.rtt_ms:g} --images {args.images} --frames {args.frames} --runs {args.runs} --edge-cpu "
-        f"{args.edge_cpu:g}"
-        + (f" --plans {args.plans}" if args.plans else "")
-        + (f" --timeline-frames {args.timeline_frames}" if args.timeline_frames != 30 else "")
-        + (f" --noise {args.noise:g}" if args.noise else "")
-        + (f" --floor {args.floor:g}" if args.floor != 0.99 else "")
-        + (f" --timeline {args.timeline or chr(39) * 2}" if args.timeline != "100,1,20" else "")
-        + (f" --out {args.out}" if args.out else "")
-        + (f" --plots {args.plots}" if args.plots else "")
-    )
-    L: list[str] = [
-        "# End to end: fixed plans vs the planner (`splitclip bench e2e`)",
-        "",
-        f"`{cmd}`",
-        "",
-        f"- bundle `{m.bundle_id}` ({m.num_blocks} blocks, image {m.vision.image_size} px), "
-        f"{len(plans)} fixed plans at or above the {args.floor:.0%} agreement floor + `auto` (the planner) "
-        f"+ `{CONTROL}` (the A/A control: `local` again, on a node of its own like the planner's; "
-        f"`{CONTROL}` / `local` is how far two runs of one code path differ here)",
-        f"- edge device: {device}; one ONNX Runtime thread; its own profile cache, measured under the quota"
-        + (
-            f"; throttled in {throttle.get('nr_throttled', 0)} of {throttle.get('nr_periods', 0)} periods"
-            if throttle
-            else ""
-        ),
-        "- cloud: local Ray + Serve + embedded Valkey (`demo.cloudproc.CloudProcess`, 2 CPUs) on the same "
-        "2-core box, unlimited; the link: `benchmarks.link.LinkProxy`, uplink rate as given, "
-        f"{args.rtt_ms / 2:g} ms added each way, a {args.burst_bytes:,} B token bucket, downlink unlimited",
-        f"- {args.images} demo images (half held-out combos"
-        + (f", Gaussian sensor noise of {args.noise:g} grey levels" if args.noise > 0 else "")
-        + f"), {args.frames} measured frames per plan, setting "
-        f"and run after {args.warmup} warm-up frames (planner: {args.auto_warmup}, a fresh node per setting), "
-        f"{args.runs} runs pooled; plans interleaved round by round in shuffled order; one frame in flight, "
-        f"{args.gap_ms:g} ms idle before each (a camera's frame gap: without one a frame's latency depends "
-        "on whether the frame before it spent the edge's CPU quota, and plans that follow a local frame lose); "
-        "the fixed plans (`local` too) share one node with a cloud, its plan set per frame, the planner has "
-        "its own (30 nodes in one process would steal the quota from whichever frame runs)",
-        "- latency: the node's own (start of preprocessing to answer); edge = preprocess + edge stages + "
-        "encode (local: all), cloud = the cloud's reported `total`, transfer = the rest (link, rtt, gRPC, "
-        "proxy); their medians, so they need not add up to the median",
-        "- bytes: payload per image (the codec's), and wire = bytes up through the link per frame "
-        "(gRPC framing and the 48 prompts included); agreement: top-1 equal to the unsplit model's "
-        "(full local inference) over the demo labels, on these frames",
-        "",
-        "## Summary",
-        "",
-        "| link | best fixed plan | its median | planner median | planner / best (per run) [95 % CI] | "
-        f"within 5 % | A/A `{CONTROL}` / `local` (per run) [95 % CI] | planner's plans | "
-        "fastest split 0<k<L | local | fastest image upload | split beats both |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for s in settings:
-        auto = next(r for r in s["rows"] if r["plan"] == "auto")
-        per = ", ".join(f"{p['ratio']:.2f}" for p in s.get("per_run", []))
-        aa_runs = ", ".join(f"{p['aa']:.2f}" for p in s.get("per_run", []) if p.get("aa") is not None)
-        aa = (
-            f"{s['aa']:.2f} ({aa_runs}) [{s['aa_ci'][0]:.2f}–{s['aa_ci'][1]:.2f}]"
-            if s.get("aa") is not None
-            else "–"
-        )
-        ci = f" [{s['ratio_ci'][0]:.2f}–{s['ratio_ci'][1]:.2f}]" if "ratio_ci" in s else ""
-        inner, upl = s["inner"], s["upload"]
-        beats = (
-            inner is not None
-            and (s["local_ms"] is None or inner["median_ms"] < s["local_ms"])
-            and (upl is None or inner["median_ms"] < upl["median_ms"])
-        )
-        s["split_beats_both"] = beats
-        used = ", ".join(f"{p} {n}" for p, n in auto["used"])
-        L.append(
-            f"| {s['mbps']:g} Mbit/s | `{s['best']}` | {s['best_ms']:.1f} ms | {s['auto_ms']:.1f} ms | "
-            f"{s['ratio']:.2f} ({per}){ci} | {'yes' if s['within'] else '**no**'} | {aa} | {used} | "
-            + (f"`{inner['plan']}` {inner['median_ms']:.1f} ms" if inner else "–")
-            + f" | {_ms(s['local_ms'])} ms | "
-            + (f"`{upl['plan']}` {upl['median_ms']:.1f} ms" if upl else "–")
-            + f" | {'yes' if beats else 'no'} |"
-        )
-    misses = [s for s in settings if not s["within"]]
-    L += [""]
-    if misses:
-        L.append(
-            "**The planner misses the 5 % target at "
-            + ", ".join(
-                f"{s['mbps']:g} Mbit/s ({s['ratio']:.2f}x the best fixed plan's median)" for s in misses
-            )
-            + ".**"
-        )
-        noise = [s for s in misses if "ratio_ci" in s and s["ratio_ci"][0] <= 1.0]
-        if noise:
-            L.append(
-                "At "
-                + ", ".join(
-                    f"{s['mbps']:g} Mbit/s (95 % CI {s['ratio_ci'][0]:.2f}–{s['ratio_ci'][1]:.2f}"
-                    + (f"; A/A {s['aa_ci'][0]:.2f}–{s['aa_ci'][1]:.2f}" if "aa_ci" in s else "")
-                    + ")"
-                    for s in noise
-                )
-                + " the bootstrap interval of that ratio includes 1: on these frames the miss is not "
-                "told apart from the bench's noise."
-            )
-    else:
-        L.append(
-            "The planner's median is within 5 % of the best fixed plan's at every link setting (pooled runs)."
-        )
-    L.append("")
-    wins = [s for s in settings if s["split_beats_both"]]
-    if wins:
-        L.append(
-            "Split (0 < k < L) beats both local and image upload at "
-            + ", ".join(f"{s['mbps']:g} Mbit/s (`{s['inner']['plan']}`)" for s in wins)
-            + "."
-        )
-    nowin = [s for s in settings if not s["split_beats_both"]]
-    if nowin:
-        why = []
-        for s in nowin:
-            inner = s["inner"]
-            if inner is None:
-                why.append(f"{s['mbps']:g} Mbit/s: no inner-cut plan was run")
-                continue
-            loc = s["local_ms"]
-            parts = [f"fastest split `{inner['plan']}` {inner['median_ms']:.1f} ms"]
-            if loc is not None and inner["median_ms"] >= loc:
-                parts.append(
-                    f"local {loc:.1f} ms is faster: the whole tower on the weak edge costs less than the split's "
-                    f"edge part + transfer + cloud ({inner['edge_ms']:.1f} + {inner['transfer_ms']:.1f} + "
-                    f"{inner['cloud_ms']:.1f} ms, the rtt alone {args.rtt_ms:g} ms)"
-                )
-            upl = s["upload"]
-            if upl is not None and inner["median_ms"] >= upl["median_ms"]:
-                parts.append(f"image upload `{upl['plan']}` {upl['median_ms']:.1f} ms is faster")
-            why.append(f"{s['mbps']:g} Mbit/s: " + "; ".join(parts))
-        L.append("Split (0 < k < L) does not beat both local and image upload at: " + "; ".join(why) + ".")
-    if images:
-        L += ["", *(f"![{Path(p).stem}]({p})" for p in images)]
-    if steps:
-        L += [
-            "",
-            "## Step change",
-            "",
-            f"One planner node, {args.timeline_frames} frames per step, rates "
-            + " → ".join(f"{s['mbps']:g}" for s in steps)
-            + " Mbit/s (rtt as above). Settled = the plan most used in the step's last half; frames to "
-            "settle = frames after the step until that plan is in use (and stays so for ≥ 80 % of the rest); "
-            "exploration frames are counted where they fall.",
-            "",
-            "| step to | settled plan | re-planned | frames to settle | first frame | median before (last 10) | "
-            "median after (settled) | plans used |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for s in steps:
-            used = ", ".join(f"{p} {n}" for p, n in s["used"])
-            L.append(
-                f"| {s['mbps']:g} Mbit/s | `{s['settled']}` | {'yes' if s['replanned'] else 'no'} | "
-                f"{s['frames_to_settle']} | {s['first_frame_ms']:.1f} ms | {_ms(s['before_ms'])} ms | "
-                f"{_ms(s['after_ms'])} ms | {used} |"
-            )
-    for s in settings:
-        L += [
-            "",
-            f"## {s['mbps']:g} Mbit/s up, rtt {args.rtt_ms:g} ms",
-            "",
-            "| plan | median ms | p95 ms | edge | transfer | cloud | payload B/image | wire B/frame | "
-            "agreement | answered split | note |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in sorted(s["rows"], key=lambda r: r["median_ms"]):
-            note = "**best fixed**" if r.get("best") else ""
-            if r["plan"] == "auto":
-                note = "**planner**: " + ", ".join(f"{p} {n}" for p, n in r["used"])
-            if r["plan"] == CONTROL:
-                note = "A/A control (`local`, its own node)"
-            elif r["reasons"] and r["plan"] != "local" and r["plan"] not in NOT_FIXED:
-                note += " local: " + ", ".join(f"{p} {n}" for p, n in r["reasons"])
-            L.append(
-                f"| `{r['plan']}` | {r['median_ms']:.1f} | {r['p95_ms']:.1f} | {r['edge_ms']:.1f} | "
-                f"{r['transfer_ms']:.1f} | {r['cloud_ms']:.1f} | {r['bytes']:,.0f} | {r['wire_bytes']:,.0f} | "
-                f"{r['agreement']:.1%} | {r['split']}/{r['n']} | {note} |"
-            )
-    md = "\n".join(L) + "\n"
-    return {"markdown": md, "settings": settings, "steps": steps, "frames": frames, "timeline": timeline,
-            "device": device, "plans": plans}  # fmt: skip
 
 
 if __name__ == "__main__":

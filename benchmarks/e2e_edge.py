@@ -7,7 +7,8 @@ command per line on stdin and answers one JSON line on stdout (logs go to stderr
     {"op": "open", "plan": "local" | "auto" | "local*" | "cut<k>/<preset>"}   that plan (auto: a fresh
                                                     node of its own; local*: local, on its own node)
     {"op": "frame", "plan": P, "image": i}    one frame of image i on that node (its reply: latency, bytes,
-                                              agreement and the node's per-stage `timings`)
+                                              agreement, the node's per-stage `timings`, the
+                                              process's CPU ms over the frame)
     {"op": "quit"}
 
 Frames run one at a time (one in flight, over the node's bidi stream), so a frame's latency is its own.
@@ -102,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             i = int(cmd["image"])
             if plan in fixed:
                 nodes[plan].plans = fixed[plan]
+            c0 = time.process_time()  # the whole process: the frame and whatever ran beside it
             r = next(iter(nodes[plan].classify_many([image(i)], labels, sources=[str(i)])))
+            cpu_ms = (time.process_time() - c0) * 1e3
             t = r.timings_ms
-            edge = sum(t.get(k, 0.0) for k in EDGE_KEYS)
+            edge_ms = sum(t.get(k, 0.0) for k in EDGE_KEYS)
             cloud = t.get("cloud_total", 0.0)
             say(
                 {
@@ -115,11 +118,12 @@ def main(argv: list[str] | None = None) -> int:
                     "latency_ms": r.latency_ms,
                     "bytes": r.bytes_sent,
                     "agree": r.top_label == reference[i % len(reference)],
-                    "edge_ms": edge if r.mode == "split" else r.latency_ms,
+                    "edge_ms": edge_ms if r.mode == "split" else r.latency_ms,
                     "cloud_ms": cloud,
-                    "transfer_ms": max(0.0, r.latency_ms - edge - cloud) if r.mode == "split" else 0.0,
+                    "transfer_ms": max(0.0, r.latency_ms - edge_ms - cloud) if r.mode == "split" else 0.0,
                     "error": r.error,
                     "timings": t,
+                    "cpu_ms": cpu_ms,
                 }
             )
         else:

@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.e2e import CONTROL, fixed_plans, step_change
+from benchmarks.e2e import fixed_plans
 from benchmarks.e2e_edge import parse_plan
+from benchmarks.e2e_stats import CONTROL, step_change
 from splitclip.bundle import load_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +57,8 @@ def test_short_e2e_planner_among_the_fastest(demo_bundle_dir: Path, tmp_path: Pa
     cmd = [
         sys.executable, "-m", "benchmarks.e2e", "--bundle", str(demo_bundle_dir), "--mbps", "20",
         "--rtt-ms", "20", "--plans", ",".join(PLANS), "--images", "6", "--frames", "6", "--warmup", "1",
-        "--auto-warmup", "6", "--runs", "1", "--timeline", "", "--json", str(out_json), "--out", str(out_md),
+        "--auto-warmup", "6", "--runs", "1", "--final-frames", "4", "--timeline", "", "--json", str(out_json),
+        "--out", str(out_md),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -65,6 +67,14 @@ def test_short_e2e_planner_among_the_fastest(demo_bundle_dir: Path, tmp_path: Pa
     (setting,) = res["settings"]
     rows = {r["plan"]: r for r in setting["rows"]}
     assert set(rows) == {*PLANS, CONTROL, "auto"}
+    # the final: the screening's fastest fixed plan(s) and the planner, on 4 fresh frames each; its
+    # numbers are the summary's
+    final = {r["plan"]: r for r in setting["final"]["rows"]}
+    screen_best = min((r for n, r in rows.items() if n in PLANS), key=lambda r: r["median_ms"])["plan"]
+    assert screen_best in final and "auto" in final and set(final) <= {*PLANS, CONTROL, "auto"}
+    assert (CONTROL in final) == ("local" in final)
+    assert all(r["n"] == 4 for r in final.values()), final
+    assert (setting["best"], setting["ratio"]) == (setting["final"]["best"], setting["final"]["ratio"])
     for name, r in rows.items():
         assert r["n"] == 6, (name, r["n"])
         assert r["agreement"] >= 0.8, (name, r["agreement"])  # >= 99 % plans, 6 frames
