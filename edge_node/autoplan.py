@@ -272,6 +272,9 @@ class AutoPlanner:
         self.link = link or LinkEstimate()
         self.cloud = cloud or CloudEstimate()
         self.overhead_bytes = 0.0  # frame bytes beyond the payload (ids, prompts): learnt from frames
+        self._ranked: list[tuple[float, Candidate]] = []
+        self._ranked_key: tuple[float | bool, ...] | None = None
+        self._ranked_plans: list[Candidate] | None = None
         self.current = self.best()
         self.switches = 0
         self._streak = 0
@@ -288,8 +291,24 @@ class AutoPlanner:
         return c.edge_ms + self.link.predict(c.payload_bytes + self.overhead_bytes) + self.cloud.predict(c)
 
     def ranked(self) -> list[tuple[float, Candidate]]:
-        """Every plan with its predicted latency, fastest first."""
-        return sorted(((self.predict(c), c) for c in self.plans), key=lambda x: (x[0], x[1].payload_bytes))
+        """Every plan with its predicted latency, fastest first. Kept while the estimates it rests on
+        are unchanged: between two answers from the cloud every locally answered frame would sort the
+        same plans again (~40 us of a weak device's CPU per frame)."""
+        link, cloud = self.link, self.cloud
+        key = (
+            link.rtt_ms,
+            link.ms_per_byte,
+            cloud.overhead_ms,
+            cloud.speed,
+            cloud.seen == 0,
+            self.overhead_bytes,
+        )
+        if key != self._ranked_key or self._ranked_plans is not self.plans:
+            self._ranked = sorted(
+                ((self.predict(c), c) for c in self.plans), key=lambda x: (x[0], x[1].payload_bytes)
+            )
+            self._ranked_key, self._ranked_plans = key, self.plans
+        return self._ranked
 
     def best(self) -> Candidate:
         ranked = self.ranked()

@@ -403,3 +403,24 @@ def test_a_plan_with_tiny_frames_sends_a_larger_one_now_and_then_to_see_the_band
         assert 1 <= len(big) <= 3 and planner.link.mbps > 10, (big, planner.link.mbps)
     else:
         assert not big and planner.link.mbps < 3 * believed, planner.link.mbps
+
+
+def test_the_ranking_is_kept_only_while_its_estimates_stand() -> None:
+    planner = planner_for(edge_profile())
+    first = planner.ranked()
+    assert planner.ranked() is first  # nothing learnt since: not sorted again
+    for change in (
+        lambda: setattr(planner.link, "ms_per_byte", planner.link.ms_per_byte * 100),  # a far slower link
+        lambda: setattr(planner.link, "rtt_ms", planner.link.rtt_ms + 50),
+        lambda: setattr(planner.cloud, "speed", planner.cloud.speed * 10),
+        lambda: setattr(planner.cloud, "overhead_ms", planner.cloud.overhead_ms + 30),
+        lambda: setattr(planner, "overhead_bytes", planner.overhead_bytes + 1e5),
+        lambda: planner.forbid_cut(0),
+    ):
+        before = planner.ranked()
+        change()
+        after = planner.ranked()
+        assert after is not before
+        assert after == sorted(
+            ((planner.predict(c), c) for c in planner.plans), key=lambda x: (x[0], x[1].payload_bytes)
+        )
