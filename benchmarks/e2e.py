@@ -257,7 +257,8 @@ def run(args: argparse.Namespace) -> int:
                     for mbps in rates:
                         t0 = time.monotonic()
                         proxy.set(mbps_up=mbps)
-                        opened = edge.ask(op="open", plan="auto")  # a fresh planner per setting
+                        opened = edge.ask(op="open", plan="auto")  # a fresh planner per setting ...
+                        edge.ask(op="open", plan=CONTROL)  # ... and a fresh control beside it
                         for r in range(n_rounds):
                             order = [*plans, CONTROL, "auto"]
                             rng.shuffle(order)

@@ -5,7 +5,7 @@ Run by benchmarks/e2e.py (under a CPU quota, benchmarks/weak_device.py) as
 command per line on stdin and answers one JSON line on stdout (logs go to stderr):
 
     {"op": "open", "plan": "local" | "auto" | "local*" | "cut<k>/<preset>"}   that plan (auto: a fresh
-                                                    node of its own; local*: local, on its own node)
+                                                    node of its own; local*: local, on a fresh node)
     {"op": "frame", "plan": P, "image": i}    one frame of image i on that node (its reply: latency, bytes,
                                               agreement, the node's per-stage `timings`, the
                                               process's CPU ms over the frame)
@@ -81,13 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         plan = cmd["plan"]
         if op == "open":
             t1 = time.perf_counter()
-            old = nodes.pop(plan, None) if plan == "auto" else None  # fixed plans share one node
+            # the planner and its control get a fresh node each time; the fixed plans share one
+            old = nodes.pop(plan, None) if plan in ("auto", "local*") else None
             if old is not None:
                 old.close()
             if plan == "auto":
                 node = EdgeNode(bundle, cloud=a.cloud, cut="auto")
                 node.prompt_embeddings(labels)  # warmed once, as a node does on first use
-            elif plan == "local*":  # the A/A control: full local inference on a node of its own
+            elif plan == "local*":  # the A/A control: full local inference on a fresh node of its own
                 node = EdgeNode(bundle)
                 node.prompt_embeddings(labels)
             else:

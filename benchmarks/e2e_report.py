@@ -72,7 +72,7 @@ def report(
         "",
         f"- bundle `{m.bundle_id}` ({m.num_blocks} blocks, image {m.vision.image_size} px), "
         f"{len(plans)} fixed plans at or above the {args.floor:.0%} agreement floor + `auto` (the planner) "
-        f"+ `{CONTROL}` (the A/A control: `local` again, on a node of its own like the planner's; "
+        f"+ `{CONTROL}` (the A/A control: `local` again, on a fresh node of its own per setting like the planner's; "
         f"`{CONTROL}` / `local` is how far two runs of one code path differ here)",
         f"- edge device: {device}; one ONNX Runtime thread; its own profile cache, measured under the quota"
         + (
@@ -252,7 +252,7 @@ def plan_rows(rows: list[dict[str, Any]]) -> list[str]:
         if r["plan"] == "auto":
             note = "**planner**: " + ", ".join(f"{p} {n}" for p, n in r["used"])
         if r["plan"] == CONTROL:
-            note = "A/A control (`local`, its own node)"
+            note = "A/A control (`local`, a fresh node of its own)"
         elif r["reasons"] and r["plan"] != "local" and r["plan"] not in NOT_FIXED:
             note += " local: " + ", ".join(f"{p} {n}" for p, n in r["reasons"])
         out.append(

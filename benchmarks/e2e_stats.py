@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 WITHIN = 0.05  # the acceptance target: planner median within 5 % of the best fixed plan's
-# The A/A control: `local` again, on a node of its own (as the planner has), measured like every plan.
+# The A/A control: `local` again, on a fresh node of its own per setting (as the planner has), measured
+# like every plan.
 # control / local is what two runs of one code path differ by here: the bench's own noise floor.
 CONTROL = "local*"
 FINAL_MAX = 3  # fixed plans in a setting's final, so its cost stays bounded
