@@ -274,7 +274,9 @@ def run(args: argparse.Namespace) -> int:
                             f"profile+open {opened['s']:.1f} s)"
                         )
                         if args.final_frames:
-                            fin = finals.setdefault(mbps, finalists(a, args.final_within))
+                            if mbps not in finals:  # picked in run 1, kept for the others
+                                finals[mbps] = finalists(a, args.final_within)
+                            fin = finals[mbps]
                             order = [*fin, "auto", *([CONTROL] if "local" in fin else [])]
                             for r in range(n_rounds, n_rounds + args.final_frames):
                                 rng.shuffle(order)

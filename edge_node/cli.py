@@ -117,22 +117,19 @@ def node_settings(args: argparse.Namespace) -> EdgeSettings:
     cloud and neither --cut nor --codec the planner chooses; --codec alone fixes cut L // 2 with it."""
     from edge_node.settings import EdgeSettings
 
-    try:
-        return EdgeSettings.from_env(
-            bundle=args.bundle,
-            cloud=args.cloud,
-            cut=args.cut,
-            codec=args.codec,
-            objective=args.objective,
-            latency_budget_ms=args.latency_budget,
-            min_agreement=args.min_agreement,
-            top_k=args.top_k,
-            frame_deadline_s=args.deadline,
-            window=args.window,
-            node_id=args.node_id,
-        )
-    except OSError as e:  # e.g. an unreadable SPLITCLIP_NODE_TOKEN_FILE
-        raise UsageError(str(e)) from None
+    return EdgeSettings.from_env(
+        bundle=args.bundle,
+        cloud=args.cloud,
+        cut=args.cut,
+        codec=args.codec,
+        objective=args.objective,
+        latency_budget_ms=args.latency_budget,
+        min_agreement=args.min_agreement,
+        top_k=args.top_k,
+        frame_deadline_s=args.deadline,
+        window=args.window,
+        node_id=args.node_id,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -151,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("no images found in the given paths")
     try:
         node = EdgeNode(settings=node_settings(args))
-    except OSError as e:
+    except OSError as e:  # e.g. an unreadable SPLITCLIP_NODE_TOKEN_FILE
         raise UsageError(str(e)) from None
     except ValueError as e:
         if isinstance(e, SplitclipError):
